@@ -1,0 +1,46 @@
+# freshrec — one page of targets. A fresh machine needs only Python 3.11+ and make.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DATA   ?= data
+STAMP  := $(VENV)/.installed
+STUBS  := recsys/v1/events_pb2.py
+PROTOS := $(wildcard protos/recsys/v1/*.proto)
+
+.PHONY: install proto serve test lint bench eval clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+$(STUBS): $(PROTOS) $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=. --grpc_python_out=. \
+		--pyi_out=. $(PROTOS)
+
+proto: $(STAMP)  ## regenerate the gRPC stubs (git-ignored) from protos/
+	rm -f recsys/v1/*_pb2*.py recsys/v1/*_pb2*.pyi
+	$(MAKE) --no-print-directory $(STUBS)
+
+serve: $(STUBS)  ## build the demo data on first run, then serve (Ctrl-C stops)
+	$(BIN)/python -m index demo --data-dir $(DATA)
+
+test: $(STUBS)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STUBS)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+bench: $(STUBS)
+	$(BIN)/python -m bench.foldin
+
+eval: $(STUBS)
+	@echo "make eval: the offline A/B replay needs both services; not built yet" >&2; exit 2
+
+clean:
+	rm -rf $(VENV) recsys/v1/*_pb2*.py recsys/v1/*_pb2*.pyi .pytest_cache .mypy_cache \
+		.ruff_cache .hypothesis *.egg-info

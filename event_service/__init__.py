@@ -1,0 +1,1 @@
+"""The event service: playback events in, fresh user vectors out, nothing lost."""

@@ -1,0 +1,42 @@
+"""`python -m event_service --data-dir D --port P`: serve until SIGTERM/SIGINT, then drain."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+
+from event_service.config import Settings
+from event_service.server import create_server, open_deps
+from index.snapshot import SnapshotError
+
+log = logging.getLogger("freshrec.events")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the event service in the foreground; exit 0 after a clean shutdown."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    settings = Settings.from_args(argv)
+    try:
+        deps = open_deps(settings)
+    except SnapshotError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    server, port = create_server(settings, deps)
+    if settings.metrics_port:
+        deps.metrics.serve(settings.metrics_port, settings.host)
+    log.info("event service on %s:%d (insecure; model %s)", settings.host, port,
+             deps.catalog.model_version)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+    log.info("shutting down: draining the writer")
+    server.stop(settings.grace_s)
+    log.info("stopped cleanly")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

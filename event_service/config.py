@@ -1,0 +1,72 @@
+"""Settings of the event service, read once at start-up from flags and FRESHREC_* env."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from index.config import add_fields
+from index.events import EventWeights, FoldInPolicy, Limits
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the event service can be told; defaults are the production ones."""
+
+    data_dir: Path = field(metadata={"help": "data dir with snapshots/ and users.lmdb/"})
+    host: str = "127.0.0.1"
+    port: int = field(default=50051, metadata={"help": "gRPC port (0 = pick a free one)"})
+    metrics_port: int = field(default=0, metadata={"help": "Prometheus HTTP port (0 = off)"})
+    max_workers: int = 64
+    max_concurrent_rpcs: int = 48
+    max_message_bytes: int = 16 * MiB
+    max_batch_events: int = 10_000
+    max_id_length: int = 128
+    max_future_skew_s: float = 300.0
+    queue_max_events: int = 200_000
+    group_max_events: int = 20_000
+    group_window_ms: float = 1.0
+    stream_max_inflight: int = 256
+    fold_in: str = field(default="cg", metadata={"help": "cg (warm-started) or exact"})
+    cg_iterations: int = 8
+    max_history: int = 500
+    dedupe_retention_s: float = 7 * 86_400.0
+    item_half_life_s: float = 86_400.0
+    snapshot_poll_s: float = 2.0
+    grace_s: float = 10.0
+    weight_start: float = 0.1
+    weight_progress: float = 0.5
+    weight_complete: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.fold_in not in ("cg", "exact"):
+            raise ValueError(f"fold_in must be 'cg' or 'exact', got {self.fold_in!r}")
+        if self.max_batch_events > self.queue_max_events:
+            raise ValueError("max_batch_events must not exceed queue_max_events")
+
+    @property
+    def limits(self) -> Limits:
+        """Per-event bounds."""
+        return Limits(self.max_id_length, self.max_future_skew_s)
+
+    @property
+    def weights(self) -> EventWeights:
+        """Event weighting."""
+        return EventWeights(self.weight_start, self.weight_progress, self.weight_complete)
+
+    @property
+    def policy(self) -> FoldInPolicy:
+        """Fold-in method and history bound."""
+        return FoldInPolicy(self.fold_in, self.cg_iterations, self.max_history)
+
+    @staticmethod
+    def from_args(argv: list[str] | None = None) -> Settings:
+        """Parse flags (defaults from FRESHREC_* env)."""
+        parser = argparse.ArgumentParser(prog="python -m event_service",
+                                         description="freshrec event service")
+        add_fields(parser, Settings)
+        args = vars(parser.parse_args(argv))
+        return Settings(**{**args, "data_dir": Path(args["data_dir"])})

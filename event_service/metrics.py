@@ -1,0 +1,32 @@
+"""Prometheus metrics of the event service (one registry per server instance)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class EventMetrics:
+    """Counters and histograms the writer and handlers update."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.events = Counter("freshrec_events_total", "Events by outcome", ["outcome"],
+                              registry=self.registry)
+        self.group_size = Histogram("freshrec_commit_group_events", "Events per write txn",
+                                    buckets=(1, 10, 100, 500, 1000, 5000, 20000),
+                                    registry=self.registry)
+        self.commit_seconds = Histogram("freshrec_commit_seconds", "Write txn time incl. fold-in",
+                                        buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.event_to_commit_seconds = Histogram(
+            "freshrec_event_to_commit_seconds", "From receipt of an event to its commit",
+            buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.queue_events = Gauge("freshrec_queue_events", "Events waiting for the writer",
+                                  registry=self.registry)
+        self.model_version = Gauge("freshrec_model_info", "Live model version", ["version"],
+                                   registry=self.registry)
+
+    def serve(self, port: int, host: str) -> None:
+        """Expose /metrics over HTTP."""
+        start_http_server(port, addr=host, registry=self.registry)

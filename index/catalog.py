@@ -1,0 +1,193 @@
+"""A loaded, validated catalog snapshot: what both services search and fold in against."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from functools import cached_property
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from index.model import FoldIn, History
+from index.snapshot import (
+    DATA_FILES,
+    FACTORS_FILE,
+    IDS_FILE,
+    INDEX_FILE,
+    ITEMS_FILE,
+    MANIFEST,
+    TITLES_FILE,
+    VERSION_PATTERN,
+    Manifest,
+    SnapshotError,
+    current_version,
+    search_parameters,
+    sha256_file,
+)
+
+
+class CatalogSnapshot:
+    """Item factors, FAISS index and item metadata of one model version, checked on load."""
+
+    def __init__(self, path: Path, manifest: Manifest, factors: np.ndarray,
+                 index: faiss.Index | None,
+                 item_ids: list[str], titles: list[str], columns: dict[str, np.ndarray]) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.item_factors = factors
+        self.index = index
+        self.item_ids = item_ids
+        self.titles = titles
+        self.years: np.ndarray = columns["years"]
+        self.popularity: np.ndarray = columns["popularity"]
+        self.genre_mask: np.ndarray = columns["genre_mask"]
+        self.item_index = {item_id: row for row, item_id in enumerate(item_ids)}
+        self.loaded_at = time.time()
+        self._search_spec = dict(manifest.search)
+
+    @property
+    def model_version(self) -> str:
+        """The snapshot's model version (its directory name)."""
+        return self.manifest.model_version
+
+    @property
+    def dim(self) -> int:
+        """Dimension of the item (and user) vectors."""
+        return self.manifest.dim
+
+    def __len__(self) -> int:
+        return self.manifest.item_count
+
+    @cached_property
+    def fold_in(self) -> FoldIn:
+        """The fold-in solver for this model (YtY computed once, on first use)."""
+        als = self.manifest.als
+        return FoldIn(self.item_factors, float(als["regularization"]), float(als["alpha"]))
+
+    def history(self, item_ids: Sequence[str], weights: np.ndarray) -> History:
+        """The fold-in input for a user history: its items in this catalog, with weights."""
+        rows = np.fromiter((self.item_index.get(i, -1) for i in item_ids), np.int64,
+                           len(item_ids))
+        known = rows >= 0
+        return History(rows[known], np.asarray(weights, np.float32)[known])
+
+    def genres_of(self, row: int) -> list[str]:
+        """Genre names of the item at `row`."""
+        mask = int(self.genre_mask[row])
+        return [g for bit, g in enumerate(self.manifest.genres) if mask >> bit & 1]
+
+    def search(
+        self, queries: np.ndarray, k: int, selector: faiss.IDSelector | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k rows and inner-product scores per query; missing hits are id -1."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        if self.index is None:
+            raise RuntimeError(f"{self.path}: loaded without its index (with_index=False)")
+        params = search_parameters(self._search_spec, selector)
+        scores, ids = self.index.search(queries, k, params=params)
+        return ids, scores
+
+    @classmethod
+    def load(cls, root: Path, version: str | None = None, *, mmap: bool = False,
+             verify: bool = True, with_index: bool = True) -> CatalogSnapshot:
+        """Load `version` (default: CURRENT) from snapshots dir `root`; SnapshotError if bad.
+
+        `verify` checks every file's sha256 before FAISS parses it, since `read_index` on a
+        corrupt file can crash the interpreter. `mmap` shares index pages across processes;
+        `with_index=False` skips the FAISS index (the event service only folds in).
+        """
+        version = current_version(root) if version is None else version
+        if not VERSION_PATTERN.match(version):
+            raise SnapshotError(f"{root}: invalid snapshot version {version!r}")
+        path = root / version
+        if not path.resolve().is_relative_to(root.resolve()):
+            raise SnapshotError(f"{path}: resolves outside {root}")
+        manifest = _read_manifest(path)
+        if manifest.model_version != version:
+            raise SnapshotError(f"{path / MANIFEST}: model_version {manifest.model_version!r} "
+                                f"does not match directory {version!r}")
+        for name in DATA_FILES:
+            _check_file(path / name, manifest.files[name], verify and
+                        (with_index or name != INDEX_FILE))
+        factors = _load_factors(path / FACTORS_FILE, manifest, mmap)
+        index = _load_index(path / INDEX_FILE, manifest, mmap) if with_index else None
+        columns = _load_columns(path / ITEMS_FILE, manifest)
+        item_ids = _load_lines(path / IDS_FILE, manifest)
+        if len(set(item_ids)) != len(item_ids):
+            raise SnapshotError(f"{path / IDS_FILE}: item ids are not unique")
+        return cls(path, manifest, factors, index, item_ids,
+                   _load_lines(path / TITLES_FILE, manifest), columns)
+
+
+def _read_manifest(path: Path) -> Manifest:
+    file = path / MANIFEST
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise SnapshotError(f"{file}: missing") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SnapshotError(f"{file}: unreadable manifest: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise SnapshotError(f"{file}: manifest is not a JSON object")
+    return Manifest.parse(raw, file)
+
+
+def _check_file(file: Path, expected: dict[str, object], verify: bool) -> None:
+    try:
+        size = file.stat().st_size
+    except FileNotFoundError as exc:
+        raise SnapshotError(f"{file}: missing") from exc
+    if size != expected.get("bytes"):
+        raise SnapshotError(f"{file}: {size} bytes, manifest says {expected.get('bytes')}")
+    if verify and sha256_file(file) != expected.get("sha256"):
+        raise SnapshotError(f"{file}: sha256 does not match the manifest (corrupt file)")
+
+
+def _load_factors(file: Path, manifest: Manifest, mmap: bool) -> np.ndarray:
+    try:
+        factors = np.load(file, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise SnapshotError(f"{file}: unreadable: {exc}") from exc
+    if factors.dtype != np.float32 or factors.shape != (manifest.item_count, manifest.dim):
+        raise SnapshotError(f"{file}: {factors.dtype} {factors.shape}, manifest says float32 "
+                            f"{(manifest.item_count, manifest.dim)}")
+    return factors
+
+
+def _load_index(file: Path, manifest: Manifest, mmap: bool) -> faiss.Index:
+    try:
+        index = faiss.read_index(str(file), faiss.IO_FLAG_MMAP if mmap else 0)
+    except RuntimeError as exc:
+        raise SnapshotError(f"{file}: unreadable FAISS index: {exc}") from exc
+    if index.d != manifest.dim or index.ntotal != manifest.item_count:
+        raise SnapshotError(f"{file}: index has d={index.d}, ntotal={index.ntotal}; manifest "
+                            f"says dim={manifest.dim}, item_count={manifest.item_count}")
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise SnapshotError(f"{file}: index metric is not inner product")
+    return index
+
+
+def _load_columns(file: Path, manifest: Manifest) -> dict[str, np.ndarray]:
+    try:
+        with np.load(file, allow_pickle=False) as npz:
+            columns = {name: npz[name] for name in ("years", "popularity", "genre_mask")}
+    except (OSError, ValueError, KeyError) as exc:
+        raise SnapshotError(f"{file}: unreadable item columns: {exc}") from exc
+    for name, values in columns.items():
+        if values.shape != (manifest.item_count,):
+            raise SnapshotError(f"{file}: column {name} has shape {values.shape}, "
+                                f"manifest says {manifest.item_count} items")
+    return columns
+
+
+def _load_lines(file: Path, manifest: Manifest) -> list[str]:
+    try:
+        lines = file.read_text(encoding="utf-8").split("\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SnapshotError(f"{file}: unreadable: {exc}") from exc
+    if len(lines) != manifest.item_count:
+        raise SnapshotError(f"{file}: {len(lines)} lines, manifest says {manifest.item_count}")
+    return lines

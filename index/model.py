@@ -1,0 +1,185 @@
+"""The ALS model: batch training with `implicit` and the per-user fold-in (exact and CG).
+
+Confidence follows Hu-Koren-Volinsky: ``c = 1 + alpha * w`` where ``w`` is the summed
+implicit-feedback weight of a (user, item) pair. `implicit` scales its matrix by its own
+``alpha`` and treats the result as ``c`` directly, so we hand it ``c`` and set its alpha
+to 1: the batch model and the online fold-in then share one convention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+# Users per stacked solve are bounded by padded rows, so memory stays ~16 MB a chunk.
+_CHUNK_ROWS = 32_768
+
+
+@dataclass(frozen=True)
+class AlsParams:
+    """Hyper-parameters of the batch model; stored in the snapshot manifest."""
+
+    factors: int = 64
+    regularization: float = 0.1
+    alpha: float = 10.0
+    iterations: int = 15
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.factors < 1 or self.factors > 1024:
+            raise ValueError(f"factors must be in [1, 1024], got {self.factors}")
+        if not self.regularization > 0:
+            raise ValueError(f"regularization must be > 0, got {self.regularization}")
+        if not self.alpha >= 0:
+            raise ValueError(f"alpha must be >= 0, got {self.alpha}")
+        if self.iterations < 1:
+            raise ValueError(f"iterations must be >= 1, got {self.iterations}")
+
+    def as_dict(self) -> dict[str, float | int]:
+        """The parameters as a JSON-ready dict."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class History:
+    """A user's known items (row numbers in the catalog) and their summed weights."""
+
+    items: np.ndarray  # int64
+    weights: np.ndarray  # float32, same length
+
+    def __post_init__(self) -> None:
+        if self.items.shape != self.weights.shape or self.items.ndim != 1:
+            raise ValueError("history items and weights must be 1-d arrays of one length")
+
+
+def confidence_matrix(
+    rows: np.ndarray, cols: np.ndarray, weights: np.ndarray, shape: tuple[int, int], alpha: float
+) -> sp.csr_matrix:
+    """CSR matrix of confidences ``1 + alpha * sum(w)`` per (row, col); repeats accumulate."""
+    summed = sp.csr_matrix(
+        (weights.astype(np.float64), (rows, cols)), shape=shape, dtype=np.float64
+    )
+    summed.sum_duplicates()
+    summed.data = 1.0 + alpha * summed.data
+    return summed.astype(np.float32)
+
+
+def train_als(
+    user_items: sp.csr_matrix, params: AlsParams, threads: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fit ALS on a confidence matrix; returns (user_factors, item_factors) as float32."""
+    from implicit.cpu.als import AlternatingLeastSquares
+    from threadpoolctl import threadpool_limits
+
+    # implicit runs its own threads; BLAS threads on top would oversubscribe the cores.
+    with threadpool_limits(limits=1, user_api="blas"):
+        model = AlternatingLeastSquares(
+            factors=params.factors,
+            regularization=params.regularization,
+            alpha=1.0,
+            iterations=params.iterations,
+            random_state=params.seed,
+            num_threads=threads,
+        )
+        model.fit(user_items, show_progress=False)
+    return (
+        np.ascontiguousarray(model.user_factors, dtype=np.float32),
+        np.ascontiguousarray(model.item_factors, dtype=np.float32),
+    )
+
+
+class FoldIn:
+    """Solves user vectors against fixed item factors, many users at a time.
+
+    For user u: ``x_u = (YtY + lambda*I + sum_i (c_ui - 1) y_i y_i^T)^-1 sum_i c_ui y_i``.
+    ``YtY + lambda*I`` is computed once per snapshot.
+    """
+
+    def __init__(self, item_factors: np.ndarray, regularization: float, alpha: float) -> None:
+        if item_factors.ndim != 2:
+            raise ValueError(f"item factors must be 2-d, got shape {item_factors.shape}")
+        self.item_factors = item_factors
+        self.alpha = float(alpha)
+        self.dim = item_factors.shape[1]
+        factors64 = np.asarray(item_factors, dtype=np.float64)
+        self.gram = factors64.T @ factors64 + regularization * np.eye(self.dim)
+
+    def exact(self, histories: Sequence[History]) -> np.ndarray:
+        """Exact fold-in: one stacked Cholesky-class solve per chunk of users."""
+        out = np.zeros((len(histories), self.dim), dtype=np.float32)
+        for chunk, factors, conf in self._padded_chunks(histories):
+            lhs = self.gram + np.matmul(factors.transpose(0, 2, 1), factors * (conf - 1)[..., None])
+            rhs = np.einsum("bl,bld->bd", conf, factors)
+            out[chunk] = np.linalg.solve(lhs, rhs[..., None])[..., 0]
+        return out
+
+    def cg(self, histories: Sequence[History], start: np.ndarray, iterations: int) -> np.ndarray:
+        """Conjugate-gradient fold-in warm-started from `start`; O(n_u * d) per iteration."""
+        if start.shape != (len(histories), self.dim):
+            raise ValueError(f"start must have shape {(len(histories), self.dim)}")
+        out = np.zeros((len(histories), self.dim), dtype=np.float32)
+        for chunk, factors, conf in self._padded_chunks(histories):
+            out[chunk] = self._cg_chunk(factors, conf, start[chunk].astype(np.float64), iterations)
+        return out
+
+    def _cg_chunk(
+        self, factors: np.ndarray, conf: np.ndarray, x: np.ndarray, iterations: int
+    ) -> np.ndarray:
+        def apply(v: np.ndarray) -> np.ndarray:
+            projected = np.einsum("bld,bd->bl", factors, v) * (conf - 1)
+            return v @ self.gram + np.einsum("bl,bld->bd", projected, factors)
+
+        residual = np.einsum("bl,bld->bd", conf, factors) - apply(x)
+        direction = residual.copy()
+        rs_old = np.einsum("bd,bd->b", residual, residual)
+        for _ in range(iterations):
+            active = rs_old > 1e-20  # converged users must not divide by zero
+            if not active.any():
+                break
+            a_dir = apply(direction)
+            step = np.where(active, rs_old / np.where(active, (direction * a_dir).sum(1), 1), 0)
+            x += step[:, None] * direction
+            residual -= step[:, None] * a_dir
+            rs_new = np.einsum("bd,bd->b", residual, residual)
+            beta = np.where(active, rs_new / np.where(active, rs_old, 1), 0)
+            direction = residual + beta[:, None] * direction
+            rs_old = rs_new
+        return x
+
+    def _padded_chunks(
+        self, histories: Sequence[History]
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Yield (user positions, factors B*L*d, confidences B*L) for chunks of users.
+
+        Users are sorted by history length so a chunk's padding stays small; a padded
+        slot has zero factors, so it adds nothing to either side of the system.
+        """
+        lengths = np.maximum([len(h.items) for h in histories], 1)
+        order = np.argsort(lengths, kind="stable")
+        start = 0
+        while start < len(order):
+            end = start + 1
+            while end < len(order) and (end + 1 - start) * lengths[order[end]] <= _CHUNK_ROWS:
+                end += 1
+            chunk = order[start:end]
+            yield chunk, *self._pad(histories, chunk, int(lengths[order[end - 1]]))
+            start = end
+
+    def _pad(
+        self, histories: Sequence[History], chunk: np.ndarray, width: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        items = np.zeros((len(chunk), width), dtype=np.int64)
+        conf = np.zeros((len(chunk), width), dtype=np.float64)
+        present = np.zeros((len(chunk), width), dtype=bool)
+        for row, user in enumerate(chunk):
+            history = histories[user]
+            n = len(history.items)
+            items[row, :n] = history.items
+            conf[row, :n] = 1.0 + self.alpha * history.weights
+            present[row, :n] = True
+        factors = self.item_factors[items].astype(np.float64)
+        factors[~present] = 0.0
+        return factors, conf

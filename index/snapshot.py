@@ -1,0 +1,250 @@
+"""Catalog snapshots: item factors, a FAISS index, item metadata and popularity on disk.
+
+Layout: ``snapshots/<model_version>/`` holds ``manifest.json`` (sizes and sha256 of every
+other file) and the data files; ``snapshots/CURRENT`` names the live version. A snapshot
+is written into a temporary directory and renamed into place, then ``CURRENT`` is
+replaced atomically, so a reader never sees half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from index.datasets import ItemTable
+from index.model import AlsParams
+
+FORMAT = 1
+METRIC = "inner_product"
+CURRENT = "CURRENT"
+MANIFEST = "manifest.json"
+FACTORS_FILE = "item_factors.npy"
+INDEX_FILE = "index.faiss"
+ITEMS_FILE = "items.npz"
+IDS_FILE = "item_ids.txt"
+TITLES_FILE = "titles.txt"
+DATA_FILES = (FACTORS_FILE, INDEX_FILE, ITEMS_FILE, IDS_FILE, TITLES_FILE)
+VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+MAX_ITEMS = 50_000_000
+MAX_DIM = 1024
+
+
+class SnapshotError(Exception):
+    """A snapshot is missing, corrupt or inconsistent; the message names the file."""
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """A FAISS factory string plus the search-time parameters it is served with."""
+
+    factory: str
+    search: dict[str, int] = field(default_factory=dict)
+
+    @staticmethod
+    def preset(name: str, n_items: int, dim: int) -> IndexSpec:
+        """`flat`, `hnsw`, `ivfpq`, or any FAISS factory string used as given."""
+        if name == "flat":
+            return IndexSpec("Flat")
+        if name == "hnsw":
+            return IndexSpec("HNSW32", {"efSearch": 128})
+        if name == "ivfpq":
+            # ~4 sqrt(n) lists, but at least 39 training points per list.
+            nlist = int(max(1, min(4 * np.sqrt(n_items), n_items // 39)))
+            subq = dim // 2 if dim % 2 == 0 else dim
+            return IndexSpec(f"IVF{nlist},PQ{subq}x4fs,RFlat", {"nprobe": 32, "k_factor": 8})
+        return IndexSpec(name)
+
+
+def build_index(item_factors: np.ndarray, spec: IndexSpec) -> faiss.Index:
+    """Build (train and fill) the FAISS index for inner-product search; ids are row numbers."""
+    try:
+        index = faiss.index_factory(item_factors.shape[1], spec.factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise ValueError(f"bad FAISS factory string {spec.factory!r}: {exc}") from exc
+    if not index.is_trained:
+        index.train(item_factors)
+    index.add(item_factors)
+    return index
+
+
+def search_parameters(
+    spec: dict[str, int], selector: faiss.IDSelector | None = None
+) -> faiss.SearchParameters:
+    """SearchParameters for an index of this spec (HNSW, IVF, refine, flat) with a selector."""
+    base: Any  # faiss's bundled stubs omit the HNSW parameter class
+    if "efSearch" in spec:
+        base = getattr(faiss, "SearchParametersHNSW")()  # noqa: B009
+        base.efSearch = spec["efSearch"]
+    elif "nprobe" in spec:
+        base = faiss.SearchParametersIVF()
+        base.nprobe = spec["nprobe"]
+    else:
+        base = faiss.SearchParameters()
+    if selector is not None:
+        base.sel = selector
+    if "k_factor" not in spec:
+        return base
+    refine = faiss.IndexRefineSearchParameters()
+    refine.k_factor = spec["k_factor"]
+    refine.base_index_params = base
+    return refine
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a snapshot claims to be; checked against its files on load."""
+
+    model_version: str
+    dim: int
+    item_count: int
+    index_type: str
+    search: dict[str, int]
+    als: dict[str, Any]
+    genres: list[str]
+    created_at: float
+    files: dict[str, dict[str, Any]]
+    metric: str = METRIC
+    format: int = FORMAT
+
+    @staticmethod
+    def parse(raw: dict[str, Any], path: Path) -> Manifest:
+        """Validate a decoded manifest; a SnapshotError names `path` and the bad field."""
+        try:
+            manifest = Manifest(**raw)
+        except TypeError as exc:
+            raise SnapshotError(f"{path}: bad manifest fields: {exc}") from exc
+        checks = [
+            (manifest.format == FORMAT, f"format {manifest.format!r} is not {FORMAT}"),
+            (manifest.metric == METRIC, f"metric {manifest.metric!r} is not {METRIC}"),
+            (isinstance(manifest.dim, int) and 0 < manifest.dim <= MAX_DIM, "bad dim"),
+            (isinstance(manifest.item_count, int) and 0 < manifest.item_count <= MAX_ITEMS,
+             "bad item_count"),
+            (set(manifest.files) == set(DATA_FILES), f"files must be {sorted(DATA_FILES)}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SnapshotError(f"{path}: {message}")
+        return manifest
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_lines(path: Path, values: Sequence[str]) -> None:
+    path.write_text("\n".join(values), encoding="utf-8")
+
+
+def write_snapshot(
+    root: Path,
+    version: str,
+    item_factors: np.ndarray,
+    items: ItemTable,
+    popularity: np.ndarray,
+    spec: IndexSpec,
+    als: AlsParams,
+    make_current: bool = True,
+) -> Path:
+    """Write a complete snapshot under `root`/<version>, then (optionally) point CURRENT at it."""
+    if not VERSION_PATTERN.match(version):
+        raise ValueError(f"bad model version {version!r}: letters, digits, '.', '_', '-'")
+    if item_factors.shape[0] != len(items) or popularity.shape != (len(items),):
+        raise ValueError("item factors, items and popularity must have one row per item")
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / version
+    if final.exists():
+        raise ValueError(f"snapshot {final} already exists")
+    tmp = root / f".tmp-{version}-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        _write_files(tmp, version, item_factors, items, popularity, spec, als)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    tmp.rename(final)
+    _fsync_dir(root)
+    if make_current:
+        set_current(root, version)
+    return final
+
+
+def _write_files(tmp: Path, version: str, item_factors: np.ndarray, items: ItemTable,
+                 popularity: np.ndarray, spec: IndexSpec, als: AlsParams) -> None:
+    """Write every file of a snapshot and its manifest into `tmp`, each fsynced."""
+    factors = np.ascontiguousarray(item_factors, dtype=np.float32)
+    np.save(tmp / FACTORS_FILE, factors)
+    faiss.write_index(build_index(factors, spec), str(tmp / INDEX_FILE))
+    genres = sorted({g for gs in items.genres for g in gs})
+    np.savez(tmp / ITEMS_FILE, years=items.years.astype(np.int16),
+             popularity=popularity.astype(np.float32), genre_mask=_genre_masks(items, genres))
+    _write_lines(tmp / IDS_FILE, items.item_ids)
+    _write_lines(tmp / TITLES_FILE, items.titles)
+    manifest = Manifest(
+        model_version=version, dim=int(factors.shape[1]), item_count=len(items),
+        index_type=spec.factory, search=dict(spec.search), als=als.as_dict(), genres=genres,
+        created_at=time.time(),
+        files={name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
+               for name in DATA_FILES},
+    )
+    (tmp / MANIFEST).write_text(json.dumps(manifest.__dict__, indent=2), encoding="utf-8")
+    for name in (*DATA_FILES, MANIFEST):
+        with (tmp / name).open("rb") as handle:
+            os.fsync(handle.fileno())
+    _fsync_dir(tmp)
+
+
+def _genre_masks(items: ItemTable, genres: list[str]) -> np.ndarray:
+    """One bit per genre (up to 64 genres, as in real catalogs' top-level genres)."""
+    if len(genres) > 64:
+        raise ValueError(f"at most 64 distinct genres are supported, got {len(genres)}")
+    bit = {g: 1 << i for i, g in enumerate(genres)}
+    return np.array([sum(bit[g] for g in set(gs)) for gs in items.genres], dtype=np.uint64)
+
+
+def set_current(root: Path, version: str) -> None:
+    """Point snapshots/CURRENT at `version` with an atomic rename."""
+    if not (root / version / MANIFEST).is_file():
+        raise SnapshotError(f"{root / version / MANIFEST}: no such snapshot")
+    tmp = root / f".{CURRENT}.tmp-{os.getpid()}"
+    tmp.write_text(version + "\n", encoding="utf-8")
+    with tmp.open("rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, root / CURRENT)
+    _fsync_dir(root)
+
+
+def current_version(root: Path) -> str:
+    """The version named by snapshots/CURRENT."""
+    path = root / CURRENT
+    try:
+        version = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError as exc:
+        raise SnapshotError(f"{path}: missing; build a snapshot with `python -m index build`") \
+            from exc
+    if not VERSION_PATTERN.match(version):
+        raise SnapshotError(f"{path}: names an invalid version {version!r}")
+    return version

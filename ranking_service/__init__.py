@@ -1,0 +1,1 @@
+"""The ranking service: top items for a user from their latest vector (in progress)."""

@@ -1,0 +1,1 @@
+"""Generated protocol buffers and gRPC stubs (`make proto`)."""

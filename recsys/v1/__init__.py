@@ -1,0 +1,1 @@
+"""recsys.v1: generated messages and stubs; run `make proto` to create them."""
