@@ -80,6 +80,12 @@ def mapped_errors(handler: Callable[..., Any]) -> Callable[..., Any]:
     return unary
 
 
+def _remaining(context: grpc.ServicerContext) -> float | None:
+    """Seconds left before the call's deadline; None when it has none (grpc says ~forever)."""
+    remaining = context.time_remaining()
+    return None if remaining is None or remaining > 86_400 else max(remaining, 0.0)
+
+
 def _occurred_at(event: events_pb2.PlaybackEvent) -> float | None:
     if not event.HasField("occurred_at"):
         return None
@@ -131,7 +137,7 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
             rejection = submission.rejected[0][0]
             raise BadRequest(f"{rejection.reason}: {rejection.message}")
         self.writer.submit(submission, block=False)
-        result = submission.wait(context.time_remaining())
+        result = submission.wait(_remaining(context))
         return events_pb2.TrackResponse(duplicate=result.duplicate[0],
                                         user_version=result.user_version[0],
                                         item_known=result.item_known[0])
@@ -147,7 +153,7 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
             submissions.append(submission)
         summary = events_pb2.IngestResponse()
         for submission in submissions:
-            result = submission.wait(context.time_remaining())
+            result = submission.wait(_remaining(context))
             _count(summary, submission, result)
             summary.rejected += len(submission.rejected)
         return summary

@@ -1,0 +1,1 @@
+"""Benchmarks and stress tools for freshrec; each is a module run with `python -m bench.<name>`."""

@@ -1,0 +1,93 @@
+"""Real servers on real ports, over copies of the session's built data dir."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from event_service.config import Settings
+from event_service.server import Deps, create_server, open_deps
+from recsys.v1 import events_pb2, events_pb2_grpc
+
+COMPLETE = events_pb2.PLAY_COMPLETE
+
+
+def playback(event_id: str, user: str, item: str, type: int = COMPLETE,
+             fraction: float = 1.0, at: float | None = None) -> events_pb2.PlaybackEvent:
+    """A PlaybackEvent message (occurred_at = now unless given)."""
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int((time.time() if at is None else at) * 1e9))
+    return events_pb2.PlaybackEvent(event_id=event_id, user_id=user, item_id=item, type=type,
+                                    occurred_at=stamp, watch_fraction=fraction)
+
+
+@pytest.fixture()
+def fresh_data_dir(tmp_path: Path, data_dir: Path) -> Path:
+    """A private, writable copy of the built data dir."""
+    target = tmp_path / "data"
+    shutil.copytree(data_dir, target)
+    return target
+
+
+def event_settings(data_dir: Path, **overrides: object) -> Settings:
+    """Test settings: port 0, fast snapshot polling."""
+    return Settings(**{"data_dir": data_dir, "port": 0, "snapshot_poll_s": 0.2, **overrides})
+
+
+class RunningEvents:
+    """An in-process event server and a stub to call it."""
+
+    def __init__(self, settings: Settings, deps: Deps | None = None) -> None:
+        self.settings = settings
+        self.server, self.port = create_server(settings, deps or open_deps(settings))
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        self.stub = events_pb2_grpc.EventServiceStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.server.stop(grace=2)
+
+
+@pytest.fixture()
+def events(fresh_data_dir: Path) -> Iterator[RunningEvents]:
+    """An event service on a free port over a private data dir."""
+    running = RunningEvents(event_settings(fresh_data_dir))
+    yield running
+    running.close()
+
+
+def start_process(module: str, data_dir: Path, *args: str) -> tuple[subprocess.Popen[str], int]:
+    """Start `python -m module` on a free port; returns the process once it is listening."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, "--data-dir", str(data_dir), "--port", "0", *args],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        found = re.search(r" on [\d.]+:(\d+) ", line)
+        if found:
+            # Keep draining the log so the server never blocks on a full pipe.
+            threading.Thread(target=proc.stderr.read, daemon=True).start()
+            return proc, int(found.group(1))
+    proc.wait(10)
+    raise RuntimeError(f"{module} did not start: {''.join(seen)}")
+
+
+def stop_process(proc: subprocess.Popen[str]) -> None:
+    """Make sure a started process is gone."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(30)
