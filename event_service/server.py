@@ -17,6 +17,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from threadpoolctl import threadpool_limits
 
 from event_service.config import Settings
 from event_service.metrics import EventMetrics
@@ -259,6 +260,9 @@ class EventServer:
 
 def create_server(settings: Settings, deps: Deps) -> tuple[EventServer, int]:
     """Build and start the server on settings.host:port; returns it and the bound port."""
+    # Parallelism comes from batching users, not BLAS threads: on 2 cores they only spin
+    # against the gRPC threads (process-wide setting).
+    threadpool_limits(1, "blas")
     config = WriterConfig(settings.weights, settings.policy, settings.queue_max_events,
                           settings.group_max_events, settings.group_window_ms / 1000,
                           settings.item_half_life_s, settings.dedupe_retention_s,

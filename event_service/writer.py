@@ -87,7 +87,11 @@ class Writer:
         self.config, self.metrics = config, metrics
         self._queue: deque[Submission] = deque()
         self._queued = 0
-        self._cond = threading.Condition()
+        # Two conditions on one lock: producers wait for space, the writer for work, so a
+        # submission wakes only the writer (and only when it is idle).
+        self._lock = threading.Lock()
+        self._has_work = threading.Condition(self._lock)
+        self._has_space = threading.Condition(self._lock)
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="freshrec-writer", daemon=True)
         self._next_housekeeping = 0.0
@@ -102,27 +106,28 @@ class Writer:
     def submit(self, submission: Submission, block: bool,
                still_wanted: Callable[[], bool] = lambda: True) -> None:
         """Queue a submission; when full, wait (block=True: flow control) or raise QueueFull."""
-        with self._cond:
+        with self._lock:
             while self._queued + submission.size > self.config.queue_max_events:
                 if self._stopping:
                     raise WriterStopped("the event service is shutting down")
                 if not block:
                     raise QueueFull(f"writer queue full ({self._queued} events waiting)")
-                self._cond.wait(0.1)
+                self._has_space.wait(0.1)
                 if not still_wanted():
                     raise WriterStopped("the call ended while waiting for queue space")
             if self._stopping:
                 raise WriterStopped("the event service is shutting down")
             self._queue.append(submission)
             self._queued += submission.size
-            self.metrics.queue_events.set(self._queued)
-            self._cond.notify_all()
+            if len(self._queue) == 1:
+                self._has_work.notify()
 
     def stop(self, timeout: float) -> None:
         """Take no new work, commit what is queued, and stop the thread."""
-        with self._cond:
+        with self._lock:
             self._stopping = True
-            self._cond.notify_all()
+            self._has_work.notify_all()
+            self._has_space.notify_all()
         self._thread.join(timeout)
 
     def _run(self) -> None:
@@ -136,31 +141,30 @@ class Writer:
                 self._housekeeping()
 
     def _take(self) -> list[Submission]:
-        """Wait for work, then take what has arrived (waiting up to the window for more)."""
-        with self._cond:
-            self._cond.wait_for(lambda: self._queue or self._stopping, timeout=0.5)
+        """Wait for work; give more a short window to arrive; take up to a group's worth."""
+        with self._lock:
+            self._has_work.wait_for(lambda: self._queue or self._stopping, timeout=0.5)
+            if not self._queue:
+                return []
+        # Sleeping through the window (rather than waking per arrival) keeps the GIL free
+        # for the handlers that are receiving the rest of the group.
+        if self.config.group_window_s > 0:
+            time.sleep(self.config.group_window_s)
+        with self._lock:
             group = self._drain([])
-            deadline = time.monotonic() + self.config.group_window_s
-            while group and self._group_events(group) < self.config.group_max_events:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._cond.wait(remaining):
-                    break
-                group = self._drain(group)
             self.metrics.queue_events.set(self._queued)
-            self._cond.notify_all()
+            self._has_space.notify_all()
             return group
 
     def _drain(self, group: list[Submission]) -> list[Submission]:
-        while self._queue and (not group or self._group_events(group) + self._queue[0].size
+        events = 0
+        while self._queue and (not group or events + self._queue[0].size
                                <= self.config.group_max_events):
             submission = self._queue.popleft()
             self._queued -= submission.size
+            events += submission.size
             group.append(submission)
         return group
-
-    @staticmethod
-    def _group_events(group: list[Submission]) -> int:
-        return sum(s.size for s in group)
 
     def _commit(self, group: list[Submission]) -> None:
         events = [e for s in group for e in s.events]

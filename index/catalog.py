@@ -6,6 +6,7 @@ import json
 import time
 from collections.abc import Sequence
 from functools import cached_property
+from itertools import repeat
 from pathlib import Path
 
 import faiss
@@ -69,7 +70,8 @@ class CatalogSnapshot:
 
     def history(self, item_ids: Sequence[str], weights: np.ndarray) -> History:
         """The fold-in input for a user history: its items in this catalog, with weights."""
-        rows = np.fromiter((self.item_index.get(i, -1) for i in item_ids), np.int64,
+        # map() keeps the per-id lookup in C: this runs for every touched user.
+        rows = np.fromiter(map(self.item_index.get, item_ids, repeat(-1)), np.int64,
                            len(item_ids))
         known = rows >= 0
         return History(rows[known], np.asarray(weights, np.float32)[known])

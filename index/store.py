@@ -9,7 +9,6 @@ process writes (LMDB allows one write txn at a time); readers use short read txn
 from __future__ import annotations
 
 import json
-import math
 import struct
 import threading
 from collections.abc import Callable, Iterator
@@ -87,20 +86,32 @@ class UserRecord:
     def with_plays(
         self, plays: list[tuple[str, float, float]], max_history: int
     ) -> UserRecord:
-        """Add (item_id, weight, at) plays: weights of an item accumulate, newest kept."""
-        history = {i: (float(w), float(t)) for i, w, t in
-                   zip(self.item_ids, self.weights, self.last_at, strict=True)}
+        """Add (item_id, weight, at) plays: weights of an item accumulate, newest kept.
+
+        Runs for every touched user on the write path, so it scans the id tuple in C
+        (`list.index`) instead of building a dict of the whole history.
+        """
+        ids = list(self.item_ids)
+        weights = self.weights.astype(np.float64).tolist()
+        last_at = self.last_at.tolist()
         for item_id, weight, at in plays:
-            old_weight, old_at = history.get(item_id, (0.0, -math.inf))
-            history[item_id] = (old_weight + weight, max(old_at, at))
-        kept = sorted(history.items(), key=lambda kv: kv[1][1], reverse=True)[:max_history]
-        return replace(
-            self,
-            version=self.version + len(plays),
-            item_ids=tuple(i for i, _ in kept),
-            weights=np.array([w for _, (w, _) in kept], dtype=np.float32),
-            last_at=np.array([t for _, (_, t) in kept], dtype=np.float64),
-        )
+            try:
+                k = ids.index(item_id)
+            except ValueError:
+                ids.append(item_id)
+                weights.append(weight)
+                last_at.append(at)
+            else:
+                weights[k] += weight
+                last_at[k] = max(last_at[k], at)
+        record = replace(self, version=self.version + len(plays), item_ids=tuple(ids),
+                         weights=np.asarray(weights, np.float32),
+                         last_at=np.asarray(last_at, np.float64))
+        if len(ids) <= max_history:
+            return record
+        kept = np.sort(np.argsort(-record.last_at, kind="stable")[:max_history])
+        return replace(record, item_ids=tuple(ids[k] for k in kept),
+                       weights=record.weights[kept], last_at=record.last_at[kept])
 
     def recent_item_ids(self, n: int | None = None) -> list[str]:
         """History item ids, most recent first."""
