@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import scipy.sparse as sp
 
-# Users per stacked solve are bounded by padded rows, so memory stays ~16 MB a chunk.
-_CHUNK_ROWS = 32_768
+# Floats per chunk: users * (padded history + d) * d, so a chunk's arrays (factors and
+# the d x d systems) stay near 32 MB whatever the history lengths.
+_CHUNK_FLOATS = 4_000_000
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,8 @@ class FoldIn:
         start = 0
         while start < len(order):
             end = start + 1
-            while end < len(order) and (end + 1 - start) * lengths[order[end]] <= _CHUNK_ROWS:
+            while end < len(order) and ((end + 1 - start) * (lengths[order[end]] + self.dim)
+                                        * self.dim <= _CHUNK_FLOATS):
                 end += 1
             chunk = order[start:end]
             yield chunk, *self._pad(histories, chunk, int(lengths[order[end - 1]]), dtype)

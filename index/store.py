@@ -88,16 +88,19 @@ class UserRecord:
     ) -> UserRecord:
         """Add (item_id, weight, at) plays: weights of an item accumulate, newest kept.
 
-        Runs for every touched user on the write path, so it scans the id tuple in C
-        (`list.index`) instead of building a dict of the whole history.
+        On the write path a user gets a play or two: a C scan of the ids (`list.index`)
+        beats building a dict of the whole history. A long batch (bootstrap) uses the dict.
         """
         ids = list(self.item_ids)
         weights = self.weights.astype(np.float64).tolist()
         last_at = self.last_at.tolist()
+        position = dict(zip(ids, range(len(ids)), strict=True)) if len(plays) > 16 else None
         for item_id, weight, at in plays:
-            try:
-                k = ids.index(item_id)
-            except ValueError:
+            k = position.get(item_id, -1) if position is not None else \
+                (ids.index(item_id) if item_id in ids else -1)
+            if k < 0:
+                if position is not None:
+                    position[item_id] = len(ids)
                 ids.append(item_id)
                 weights.append(weight)
                 last_at.append(at)

@@ -1,0 +1,100 @@
+"""Item filters as packed bitmaps, precomputed per snapshot, for FAISS ID selectors.
+
+Bit i of byte i // 8 (little-endian bit order, as `faiss.IDSelectorBitmap` reads it) is
+set when item row i may be returned. Per-genre bitmaps and cumulative per-year bitmaps
+are built once per snapshot, so a request's filter costs a few ORs/ANDs over n/8 bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from index.catalog import CatalogSnapshot
+
+
+class FilterError(ValueError):
+    """A filter names an unknown genre or an impossible year range."""
+
+
+@dataclass(frozen=True)
+class ItemFilter:
+    """Which items may be returned; the empty filter allows every item."""
+
+    genres_any: tuple[str, ...] = ()
+    genres_none: tuple[str, ...] = ()
+    min_year: int = 0  # 0 = unbounded
+    max_year: int = 0
+
+    @property
+    def empty(self) -> bool:
+        """True when the filter restricts nothing."""
+        return not (self.genres_any or self.genres_none or self.min_year or self.max_year)
+
+
+def pack(allowed: np.ndarray) -> np.ndarray:
+    """Pack a boolean row mask into a FAISS bitmap."""
+    return np.packbits(allowed, bitorder="little")
+
+
+def unpack(bitmap: np.ndarray, n: int) -> np.ndarray:
+    """The boolean row mask of a bitmap over n items."""
+    return np.unpackbits(bitmap, count=n, bitorder="little").view(bool)
+
+
+def count(bitmap: np.ndarray) -> int:
+    """Number of allowed items."""
+    return int(np.bitwise_count(bitmap).sum())
+
+
+def clear(bitmap: np.ndarray, rows: Iterable[int]) -> None:
+    """Disallow item rows in place."""
+    rows = np.fromiter(rows, np.int64)
+    np.bitwise_and.at(bitmap, rows >> 3, ~(np.uint8(1) << (rows & 7).astype(np.uint8)))
+
+
+class CatalogFilters:
+    """The per-snapshot bitmaps, and a filter's bitmap from them."""
+
+    def __init__(self, catalog: CatalogSnapshot) -> None:
+        self.n = len(catalog)
+        self.all = pack(np.ones(self.n, bool))
+        self.genres = {g: pack((catalog.genre_mask >> np.uint64(bit)) & np.uint64(1) == 1)
+                       for bit, g in enumerate(catalog.manifest.genres)}
+        years = catalog.years.astype(np.int64)
+        known = years[years > 0]
+        self.first_year = int(known.min()) if len(known) else 0
+        self.last_year = int(known.max()) if len(known) else 0
+        # before[j]: items with a known year < first_year + j (cumulative, so a range is 2 ops)
+        order = np.argsort(years, kind="stable")
+        self._before = [pack(np.isin(np.arange(self.n), order[(years[order] > 0) &
+                                                             (years[order] < y)]))
+                        for y in range(self.first_year, self.last_year + 2)]
+
+    def _years_below(self, year: int) -> np.ndarray:
+        """Items with a known year < `year`."""
+        j = min(max(year - self.first_year, 0), len(self._before) - 1)
+        return self._before[j]
+
+    def bitmap(self, spec: ItemFilter) -> np.ndarray | None:
+        """A fresh bitmap of the items `spec` allows, or None when it allows everything."""
+        if spec.empty:
+            return None
+        if spec.min_year < 0 or spec.max_year < 0 or (
+                spec.min_year and spec.max_year and spec.min_year > spec.max_year):
+            raise FilterError(f"bad year range [{spec.min_year}, {spec.max_year}]")
+        for genre in (*spec.genres_any, *spec.genres_none):
+            if genre not in self.genres:
+                raise FilterError(f"unknown genre {genre!r}; known: {sorted(self.genres)}")
+        allowed = self.all.copy()
+        if spec.genres_any:
+            allowed &= np.bitwise_or.reduce([self.genres[g] for g in spec.genres_any])
+        for genre in spec.genres_none:
+            allowed &= ~self.genres[genre]
+        if spec.min_year or spec.max_year:
+            upper = self._years_below(spec.max_year + 1 if spec.max_year else self.last_year + 1)
+            lower = self._years_below(spec.min_year) if spec.min_year else 0
+            allowed &= upper & ~lower
+        return allowed
