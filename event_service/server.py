@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent import futures
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health
 from threadpoolctl import threadpool_limits
 
 from event_service.config import Settings
@@ -27,64 +23,16 @@ from index.catalog import CatalogSnapshot
 from index.events import Event, Rejection, validate
 from index.store import StoreFullError, UserStore
 from recsys.v1 import events_pb2, events_pb2_grpc
+from rpc.errors import BadRequest, mapped_errors, remaining
+from rpc.server import add_health_and_reflection, new_server, set_serving
 
 log = logging.getLogger("freshrec.events")
 SERVICE = events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name
 _END = object()
 
 
-
-class BadRequest(Exception):
-    """The request as a whole is invalid (INVALID_ARGUMENT)."""
-
-
-class NotFound(Exception):
-    """The named user does not exist (NOT_FOUND)."""
-
-
-# The one table from domain errors to status codes.
-_STATUS: dict[type[Exception], grpc.StatusCode] = {
-    BadRequest: grpc.StatusCode.INVALID_ARGUMENT,
-    NotFound: grpc.StatusCode.NOT_FOUND,
-    QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    StoreFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    WriterStopped: grpc.StatusCode.UNAVAILABLE,
-    TimeoutError: grpc.StatusCode.DEADLINE_EXCEEDED,
-}
-
-
-def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
-    code = _STATUS.get(type(exc))
-    if code is None:
-        log.exception("unexpected error")
-        code = grpc.StatusCode.UNAVAILABLE  # never UNKNOWN: the write was not acked
-    context.abort(code, str(exc) or type(exc).__name__)
-
-
-def mapped_errors(handler: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn domain exceptions of a unary or streaming handler into status codes."""
-    if inspect.isgeneratorfunction(handler):
-        @functools.wraps(handler)
-        def stream(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            try:
-                yield from handler(self, request, context)
-            except Exception as exc:
-                _abort(context, exc)
-        return stream
-
-    @functools.wraps(handler)
-    def unary(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            return handler(self, request, context)
-        except Exception as exc:
-            _abort(context, exc)
-    return unary
-
-
-def _remaining(context: grpc.ServicerContext) -> float | None:
-    """Seconds left before the call's deadline; None when it has none (grpc says ~forever)."""
-    remaining = context.time_remaining()
-    return None if remaining is None or remaining > 86_400 else max(remaining, 0.0)
+class UnknownUser(LookupError):
+    """GetUser of a user the store does not have."""
 
 
 def _occurred_at(event: events_pb2.PlaybackEvent) -> float | None:
@@ -110,6 +58,13 @@ class _Batch:
 
 class EventServicer(events_pb2_grpc.EventServiceServicer):
     """Track, Ingest, IngestStream and GetUser over the writer and the store."""
+
+    error_codes = {
+        UnknownUser: grpc.StatusCode.NOT_FOUND,
+        QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+        StoreFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+        WriterStopped: grpc.StatusCode.UNAVAILABLE,
+    }
 
     def __init__(self, settings: Settings, writer: Writer, store: UserStore) -> None:
         self.settings, self.writer, self.store = settings, writer, store
@@ -138,7 +93,7 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
             rejection = submission.rejected[0][0]
             raise BadRequest(f"{rejection.reason}: {rejection.message}")
         self.writer.submit(submission, block=False)
-        result = submission.wait(_remaining(context))
+        result = submission.wait(remaining(context))
         return events_pb2.TrackResponse(duplicate=result.duplicate[0],
                                         user_version=result.user_version[0],
                                         item_known=result.item_known[0])
@@ -154,7 +109,7 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
             submissions.append(submission)
         summary = events_pb2.IngestResponse()
         for submission in submissions:
-            result = submission.wait(_remaining(context))
+            result = submission.wait(remaining(context))
             _count(summary, submission, result)
             summary.rejected += len(submission.rejected)
         return summary
@@ -208,7 +163,7 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
             raise BadRequest("user_id is empty")
         record = self.store.get_user(request.user_id)
         if record is None:
-            raise NotFound(f"unknown user {request.user_id!r}")
+            raise UnknownUser(f"unknown user {request.user_id!r}")
         updated = Timestamp()
         updated.FromNanoseconds(int(record.updated_at * 1e9))
         return events_pb2.User(user_id=record.user_id, vector=record.vector.tolist(),
@@ -269,22 +224,13 @@ def create_server(settings: Settings, deps: Deps) -> tuple[EventServer, int]:
                           settings.snapshot_poll_s)
     writer = Writer(deps.store, snapshots_dir(settings.data_dir), deps.catalog, config,
                     deps.metrics)
-    limit = settings.max_message_bytes
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.max_workers,
-                                   thread_name_prefix="freshrec-rpc"),
-        maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
-        options=[("grpc.max_receive_message_length", limit),
-                 ("grpc.max_send_message_length", limit)])
+    server = new_server(settings.max_workers, settings.max_concurrent_rpcs,
+                        settings.max_message_bytes)
     events_pb2_grpc.add_EventServiceServicer_to_server(
         EventServicer(settings, writer, deps.store), server)
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    health_servicer = add_health_and_reflection(server, [SERVICE])
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     writer.start()
     server.start()
-    for name in ("", SERVICE):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    set_serving(health_servicer, [SERVICE])
     return EventServer(server, writer, health_servicer, deps.store), port

@@ -88,7 +88,7 @@ class CatalogSnapshot:
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
         if self.index is None:
             raise RuntimeError(f"{self.path}: loaded without its index (with_index=False)")
-        params = search_parameters(self._search_spec, selector)
+        params = search_parameters(self._search_spec, k, selector)
         scores, ids = self.index.search(queries, k, params=params)
         return ids, scores
 

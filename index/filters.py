@@ -68,9 +68,7 @@ class CatalogFilters:
         self.first_year = int(known.min()) if len(known) else 0
         self.last_year = int(known.max()) if len(known) else 0
         # before[j]: items with a known year < first_year + j (cumulative, so a range is 2 ops)
-        order = np.argsort(years, kind="stable")
-        self._before = [pack(np.isin(np.arange(self.n), order[(years[order] > 0) &
-                                                             (years[order] < y)]))
+        self._before = [pack((years > 0) & (years < y))
                         for y in range(self.first_year, self.last_year + 2)]
 
     def _years_below(self, year: int) -> np.ndarray:
@@ -94,7 +92,8 @@ class CatalogFilters:
         for genre in spec.genres_none:
             allowed &= ~self.genres[genre]
         if spec.min_year or spec.max_year:
-            upper = self._years_below(spec.max_year + 1 if spec.max_year else self.last_year + 1)
-            lower = self._years_below(spec.min_year) if spec.min_year else 0
-            allowed &= upper & ~lower
+            allowed &= self._years_below(spec.max_year + 1 if spec.max_year
+                                         else self.last_year + 1)
+        if spec.min_year:
+            allowed &= ~self._years_below(spec.min_year)
         return allowed

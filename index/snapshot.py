@@ -79,13 +79,13 @@ def build_index(item_factors: np.ndarray, spec: IndexSpec) -> faiss.Index:
 
 
 def search_parameters(
-    spec: dict[str, int], selector: faiss.IDSelector | None = None
+    spec: dict[str, int], k: int, selector: faiss.IDSelector | None = None
 ) -> faiss.SearchParameters:
     """SearchParameters for an index of this spec (HNSW, IVF, refine, flat) with a selector."""
     base: Any  # faiss's bundled stubs omit the HNSW parameter class
     if "efSearch" in spec:
         base = getattr(faiss, "SearchParametersHNSW")()  # noqa: B009
-        base.efSearch = spec["efSearch"]
+        base.efSearch = max(spec["efSearch"], k)  # HNSW cannot return more than efSearch
     elif "nprobe" in spec:
         base = faiss.SearchParametersIVF()
         base.nprobe = spec["nprobe"]

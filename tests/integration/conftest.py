@@ -18,7 +18,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from event_service.config import Settings
 from event_service.server import Deps, create_server, open_deps
-from recsys.v1 import events_pb2, events_pb2_grpc
+from ranking_service.config import Settings as RankingSettings
+from ranking_service.server import create_server as create_ranking_server
+from ranking_service.server import open_deps as open_ranking_deps
+from recsys.v1 import catalog_pb2_grpc, events_pb2, events_pb2_grpc, ranking_pb2_grpc
 
 COMPLETE = events_pb2.PLAY_COMPLETE
 
@@ -91,3 +94,32 @@ def stop_process(proc: subprocess.Popen[str]) -> None:
     if proc.poll() is None:
         proc.kill()
     proc.wait(30)
+
+
+class RunningRanking:
+    """An in-process ranking server and stubs to call it."""
+
+    def __init__(self, settings: RankingSettings) -> None:
+        self.settings = settings
+        self.server, self.port = create_ranking_server(settings, open_ranking_deps(settings))
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        self.stub = ranking_pb2_grpc.RankingServiceStub(self.channel)
+        self.admin = catalog_pb2_grpc.CatalogServiceStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.server.stop(grace=2)
+
+
+def ranking_settings(data_dir: Path, **overrides: object) -> RankingSettings:
+    """Test settings: port 0, fast catalog polling."""
+    return RankingSettings(**{"data_dir": data_dir, "port": 0, "catalog_poll_s": 0.2,
+                              **overrides})
+
+
+@pytest.fixture()
+def ranking(fresh_data_dir: Path) -> Iterator[RunningRanking]:
+    """A ranking service on a free port over a private data dir."""
+    running = RunningRanking(ranking_settings(fresh_data_dir))
+    yield running
+    running.close()

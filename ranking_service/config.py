@@ -1,0 +1,56 @@
+"""Settings of the ranking service, read once at start-up from flags and FRESHREC_* env."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from index.config import add_fields
+from index.ranking import RankingConfig
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the ranking service can be told; defaults are the production ones."""
+
+    data_dir: Path = field(metadata={"help": "data dir with snapshots/ and users.lmdb/"})
+    host: str = "127.0.0.1"
+    port: int = field(default=50052, metadata={"help": "gRPC port (0 = pick a free one)"})
+    metrics_port: int = field(default=0, metadata={"help": "Prometheus HTTP port (0 = off)"})
+    workers: int = field(default=1, metadata={
+        "help": "server processes sharing the port (SO_REUSEPORT); needs a fixed port"})
+    max_workers: int = 16
+    max_concurrent_rpcs: int = 256
+    max_message_bytes: int = 4 * MiB
+    max_k: int = 500
+    max_id_length: int = 128
+    catalog_poll_s: float = 1.0
+    trending_refresh_s: float = 5.0
+    brute_force_below: int = 4096
+    popularity_blend: float = 0.5
+    new_release_years: int = 2
+    grace_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.workers < 1 or (self.workers > 1 and self.port == 0):
+            raise ValueError("workers must be >= 1, and several workers need a fixed --port")
+        if self.max_k < 1:
+            raise ValueError(f"max_k must be >= 1, got {self.max_k}")
+
+    @property
+    def ranking(self) -> RankingConfig:
+        """The ranker's tuning."""
+        return RankingConfig(self.brute_force_below, popularity_blend=self.popularity_blend,
+                             new_release_years=self.new_release_years)
+
+    @staticmethod
+    def from_args(argv: list[str] | None = None) -> Settings:
+        """Parse flags (defaults from FRESHREC_* env)."""
+        parser = argparse.ArgumentParser(prog="python -m ranking_service",
+                                         description="freshrec ranking service")
+        add_fields(parser, Settings)
+        args = vars(parser.parse_args(argv))
+        return Settings(**{**args, "data_dir": Path(args["data_dir"])})

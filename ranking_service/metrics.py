@@ -1,0 +1,26 @@
+"""Prometheus metrics of the ranking service (one registry per server instance)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+
+
+class RankingMetrics:
+    """Latency per RPC, fallbacks, and the catalog version served."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.latency = Histogram("freshrec_rpc_seconds", "Handler latency by RPC", ["rpc"],
+                                 buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.responses = Counter("freshrec_recommend_total", "Recommend answers by source",
+                                 ["source"], registry=self.registry)
+        self.catalog = Gauge("freshrec_catalog_info", "Catalog version served", ["version"],
+                             registry=self.registry)
+        self.reloads = Counter("freshrec_catalog_reloads_total", "Catalog reloads by outcome",
+                               ["outcome"], registry=self.registry)
+
+    def serve(self, port: int, host: str) -> None:
+        """Expose /metrics over HTTP."""
+        start_http_server(port, addr=host, registry=self.registry)

@@ -1,0 +1,1 @@
+"""gRPC plumbing shared by the two services: the error table, server setup, health."""
