@@ -26,7 +26,7 @@ proto: $(STAMP)  ## regenerate the gRPC stubs (git-ignored) from protos/
 	$(MAKE) --no-print-directory $(STUBS)
 
 serve: $(STUBS)  ## build the demo data on first run, then serve (Ctrl-C stops)
-	$(BIN)/python -m index demo --data-dir $(DATA)
+	DATA=$(DATA) bin/serve
 
 test: $(STUBS)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
