@@ -152,7 +152,7 @@ def start_ranking(data_dir: Path, workers: int, port: int) -> subprocess.Popen[b
     """Start the ranking service and wait until it answers."""
     proc = subprocess.Popen([sys.executable, "-m", "ranking_service", "--data-dir",
                              str(data_dir), "--port", str(port), "--workers", str(workers)],
-                            stderr=subprocess.DEVNULL, env={**os.environ,
+                            stderr=None, env={**os.environ,
                                                             "PYTHONPATH": os.getcwd()})
     stub = ranking_pb2_grpc.RankingServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
     deadline = time.monotonic() + 120

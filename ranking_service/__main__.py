@@ -1,76 +1,7 @@
-"""`python -m ranking_service --data-dir D --port P [--workers N]`: serve until SIGTERM/SIGINT.
+"""`python -m ranking_service --data-dir D --port P [--workers N]`."""
 
-With --workers N > 1, N processes share the port (SO_REUSEPORT), each with its own LMDB
-reader and memory-mapped index, so Python overhead does not serialise requests. Workers
-are started with `spawn`, before any gRPC object exists in them.
-"""
-
-from __future__ import annotations
-
-import logging
-import multiprocessing
-import signal
 import sys
-import threading
 
-from index.snapshot import SnapshotError
-from ranking_service.config import Settings
-from ranking_service.server import create_server, open_deps
+from ranking_service.runner import main
 
-log = logging.getLogger("freshrec.ranking")
-
-
-def serve(settings: Settings, worker: int = 0) -> int:
-    """Run one server process in the foreground; exit 0 after a clean shutdown."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        deps = open_deps(settings)
-    except SnapshotError as exc:
-        log.error("cannot start: %s", exc)
-        return 2
-    server, port = create_server(settings, deps)
-    if settings.metrics_port:
-        deps.metrics.serve(settings.metrics_port + worker, settings.host)
-    log.info("ranking service on %s:%d (worker %d, insecure; model %s)", settings.host, port,
-             worker, deps.ranker.live.catalog.model_version)
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    stop.wait()
-    server.stop(settings.grace_s)
-    log.info("worker %d stopped cleanly", worker)
-    return 0
-
-
-def _worker(settings: Settings, worker: int) -> None:
-    sys.exit(serve(settings, worker))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m ranking_service` and the `freshrec-ranking` script."""
-    settings = Settings.from_args(argv)
-    if settings.workers == 1:
-        return serve(settings)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    context = multiprocessing.get_context("spawn")
-    procs = [context.Process(target=_worker, args=(settings, i),
-                             name=f"ranking-{i}") for i in range(settings.workers)]
-    for proc in procs:
-        proc.start()
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    while not stop.wait(0.5):
-        if any(p.exitcode not in (None, 0) for p in procs):
-            log.error("a worker died; stopping the others")
-            break
-    for proc in procs:
-        if proc.is_alive():
-            proc.terminate()  # SIGTERM: each drains its calls
-    for proc in procs:
-        proc.join()
-    return max(p.exitcode or 0 for p in procs)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+sys.exit(main())

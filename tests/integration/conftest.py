@@ -113,8 +113,8 @@ class RunningRanking:
 
 def ranking_settings(data_dir: Path, **overrides: object) -> RankingSettings:
     """Test settings: port 0, fast catalog polling."""
-    return RankingSettings(**{"data_dir": data_dir, "port": 0, "catalog_poll_s": 0.2,
-                              **overrides})
+    return RankingSettings(**{"data_dir": data_dir, "port": 0, "workers": 1,
+                              "catalog_poll_s": 0.2, **overrides})
 
 
 @pytest.fixture()
