@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -27,12 +29,19 @@ def test_kill_9_loses_no_acked_event_and_applies_none_twice(fresh_data_dir: Path
 
 
 def test_sigterm_drains_and_exits_0_with_every_ack_durable(fresh_data_dir: Path) -> None:
-    proc, port = start_process("event_service", fresh_data_dir)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        metrics_port = probe.getsockname()[1]
+    proc, port = start_process("event_service", fresh_data_dir, "--metrics-port",
+                               str(metrics_port))
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = events_pb2_grpc.EventServiceStub(channel)
             acked = [stub.Track(events_pb2.TrackRequest(event=playback(f"t{i}", "u1", "i5")))
                      for i in range(20)]
+        scrape = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read()
+        assert b'freshrec_events_total{outcome="accepted"} 20.0' in scrape
+        assert b"freshrec_event_to_commit_seconds_count" in scrape
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     finally:

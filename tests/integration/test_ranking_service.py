@@ -147,19 +147,43 @@ def test_home_page_rows_never_repeat_an_item(ranking: RunningRanking) -> None:
     assert len(shown) == len(set(shown)) == 12
 
 
-def test_health_and_reflection_list_and_describe_both_services(ranking: RunningRanking) -> None:
+def _call_by_reflection(channel: grpc.Channel, service: str, method: str,
+                        request: dict) -> object:
+    """Call an RPC knowing only its name, as grpcurl does: everything from reflection."""
+    from google.protobuf import json_format, message_factory
+    from google.protobuf.descriptor_pool import DescriptorPool
+
+    pool = DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
+    descriptor = pool.FindServiceByName(service).FindMethodByName(method)
+    request_class = message_factory.GetMessageClass(descriptor.input_type)
+    response_class = message_factory.GetMessageClass(descriptor.output_type)
+    call = channel.unary_unary(f"/{service}/{method}",
+                               request_serializer=lambda m: m.SerializeToString(),
+                               response_deserializer=response_class.FromString)
+    return call(json_format.ParseDict(request, request_class()))
+
+
+def test_health_and_reflection_list_and_call_both_services(ranking: RunningRanking,
+                                                           fresh_data_dir: Path) -> None:
     health = health_pb2_grpc.HealthStub(ranking.channel)
     for service in ("", "recsys.v1.RankingService", "recsys.v1.CatalogService"):
         status = health.Check(health_pb2.HealthCheckRequest(service=service)).status
         assert status == health_pb2.HealthCheckResponse.SERVING
-    database = ProtoReflectionDescriptorDatabase(ranking.channel)
-    services = set(database.get_services())
+    services = set(ProtoReflectionDescriptorDatabase(ranking.channel).get_services())
     assert {"recsys.v1.RankingService", "recsys.v1.CatalogService"} <= services
-    from google.protobuf.descriptor_pool import DescriptorPool
-
-    pool = DescriptorPool(database)
-    method = pool.FindServiceByName("recsys.v1.RankingService").FindMethodByName("Recommend")
-    assert method.input_type.full_name == "recsys.v1.RecommendRequest"
+    response = _call_by_reflection(ranking.channel, "recsys.v1.RankingService", "Recommend",
+                                   {"user_id": "u1", "k": 3})
+    assert len(response.items) == 3  # type: ignore[attr-defined]
+    proc, port = start_process("event_service", fresh_data_dir)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            assert "recsys.v1.EventService" in \
+                ProtoReflectionDescriptorDatabase(channel).get_services()
+            user = _call_by_reflection(channel, "recsys.v1.EventService", "GetUser",
+                                       {"user_id": "u1"})
+            assert user.history_size > 0  # type: ignore[attr-defined]
+    finally:
+        stop_process(proc)
 
 
 def _items_of(catalog: CatalogSnapshot) -> ItemTable:
