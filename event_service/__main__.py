@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     server, port = create_server(settings, deps)
     if settings.metrics_port:
         deps.metrics.serve(settings.metrics_port, settings.host)
-    log.info("event service on %s:%d (insecure; model %s)", settings.host, port,
+    log.info("event service on %s:%d (%s; model %s)", settings.host, port, server.mode,
              deps.catalog.model_version)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

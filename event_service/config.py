@@ -6,25 +6,20 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from index.config import add_fields
 from index.events import EventWeights, FoldInPolicy, Limits
+from rpc.settings import MiB, ServerSettings, add_fields
 
-MiB = 1 << 20
 
-
-@dataclass(frozen=True)
-class Settings:
+@dataclass(frozen=True, kw_only=True)
+class Settings(ServerSettings):
     """Everything the event service can be told; defaults are the production ones."""
 
-    data_dir: Path = field(metadata={"help": "data dir with snapshots/ and users.lmdb/"})
-    host: str = "127.0.0.1"
     port: int = field(default=50051, metadata={"help": "gRPC port (0 = pick a free one)"})
-    metrics_port: int = field(default=0, metadata={"help": "Prometheus HTTP port (0 = off)"})
+    # Each open stream holds a pool thread for its whole life.
     max_workers: int = 64
     max_concurrent_rpcs: int = 48
     max_message_bytes: int = 16 * MiB
     max_batch_events: int = 10_000
-    max_id_length: int = 128
     max_future_skew_s: float = 300.0
     queue_max_events: int = 200_000
     group_max_events: int = 20_000
@@ -36,12 +31,12 @@ class Settings:
     dedupe_retention_s: float = 7 * 86_400.0
     item_half_life_s: float = 86_400.0
     snapshot_poll_s: float = 2.0
-    grace_s: float = 10.0
     weight_start: float = 0.1
     weight_progress: float = 0.5
     weight_complete: float = 1.0
 
     def __post_init__(self) -> None:
+        self.check_security()
         if self.fold_in not in ("cg", "exact"):
             raise ValueError(f"fold_in must be 'cg' or 'exact', got {self.fold_in!r}")
         if self.max_batch_events > self.queue_max_events:

@@ -24,11 +24,15 @@ from index.events import Event, Rejection, validate
 from index.store import StoreFullError, UserStore
 from recsys.v1 import events_pb2, events_pb2_grpc
 from rpc.errors import BadRequest, mapped_errors, remaining
-from rpc.server import add_health_and_reflection, new_server, set_serving
+from rpc.server import add_health_and_reflection, bind, new_server, set_serving
 
 log = logging.getLogger("freshrec.events")
 SERVICE = events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name
 _END = object()
+# Who may call what when auth is on (rpc.security): writes need the ingest role.
+POLICY = {f"/{SERVICE}/{method}": role for method, role in (
+    ("Track", "ingest"), ("Ingest", "ingest"), ("IngestStream", "ingest"),
+    ("GetUser", "viewer"))}
 
 
 class UnknownUser(LookupError):
@@ -202,8 +206,9 @@ class EventServer:
     """The running server with its writer; `stop` drains and commits before closing."""
 
     def __init__(self, server: grpc.Server, writer: Writer, health: health.HealthServicer,
-                 store: UserStore) -> None:
+                 store: UserStore, mode: str) -> None:
         self.server, self.writer, self.health, self.store = server, writer, health, store
+        self.mode = mode  # e.g. "insecure, auth off", for the start-up log
 
     def stop(self, grace: float) -> None:
         """Refuse new calls, let calls in flight finish, drain the writer, close the store."""
@@ -224,13 +229,12 @@ def create_server(settings: Settings, deps: Deps) -> tuple[EventServer, int]:
                           settings.snapshot_poll_s)
     writer = Writer(deps.store, snapshots_dir(settings.data_dir), deps.catalog, config,
                     deps.metrics)
-    server = new_server(settings.max_workers, settings.max_concurrent_rpcs,
-                        settings.max_message_bytes)
+    server = new_server(settings, POLICY)
     events_pb2_grpc.add_EventServiceServicer_to_server(
         EventServicer(settings, writer, deps.store), server)
-    health_servicer = add_health_and_reflection(server, [SERVICE])
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    health_servicer = add_health_and_reflection(server, [SERVICE], settings.reflection)
+    port, mode = bind(server, settings)
     writer.start()
     server.start()
     set_serving(health_servicer, [SERVICE])
-    return EventServer(server, writer, health_servicer, deps.store), port
+    return EventServer(server, writer, health_servicer, deps.store, mode), port

@@ -6,37 +6,31 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from index.config import add_fields
 from index.ranking import RankingConfig
+from rpc.settings import ServerSettings, add_fields
 
-MiB = 1 << 20
 
-
-@dataclass(frozen=True)
-class Settings:
+@dataclass(frozen=True, kw_only=True)
+class Settings(ServerSettings):
     """Everything the ranking service can be told; defaults are the production ones."""
 
-    data_dir: Path = field(metadata={"help": "data dir with snapshots/ and users.lmdb/"})
-    host: str = "127.0.0.1"
     port: int = field(default=50052, metadata={"help": "gRPC port (0 = pick a free one)"})
-    metrics_port: int = field(default=0, metadata={"help": "Prometheus HTTP port (0 = off)"})
+    metrics_port: int = field(default=0, metadata={
+        "help": "Prometheus HTTP port of worker 0 (worker i uses port + i; 0 = off)"})
     # Measured (bench/ranking.py, 2 cores): 2 processes serve 1.6-1.8x the requests/s of one
     # at 16 clients, with the same single-client latency.
     workers: int = field(default=2, metadata={
         "help": "server processes sharing the port (SO_REUSEPORT); needs a fixed port"})
     max_workers: int = 16
-    max_concurrent_rpcs: int = 256
-    max_message_bytes: int = 4 * MiB
     max_k: int = 500
-    max_id_length: int = 128
     catalog_poll_s: float = 1.0
     trending_refresh_s: float = 5.0
     brute_force_below: int = 4096
     popularity_blend: float = 0.5
     new_release_years: int = 2
-    grace_s: float = 5.0
 
     def __post_init__(self) -> None:
+        self.check_security()
         if self.workers < 1 or (self.workers > 1 and self.port == 0):
             raise ValueError("workers must be >= 1, and several workers need a fixed --port")
         if self.max_k < 1:

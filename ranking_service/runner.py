@@ -32,8 +32,8 @@ def serve(settings: Settings, worker: int = 0) -> int:
     server, port = create_server(settings, deps)
     if settings.metrics_port:
         deps.metrics.serve(settings.metrics_port + worker, settings.host)
-    log.info("ranking service on %s:%d (worker %d, insecure; model %s)", settings.host, port,
-             worker, deps.ranker.live.catalog.model_version)
+    log.info("ranking service on %s:%d (worker %d, %s; model %s)", settings.host, port,
+             worker, server.mode, deps.ranker.live.catalog.model_version)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

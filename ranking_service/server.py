@@ -25,13 +25,18 @@ from ranking_service.config import Settings
 from ranking_service.metrics import RankingMetrics
 from recsys.v1 import catalog_pb2, catalog_pb2_grpc, ranking_pb2, ranking_pb2_grpc
 from rpc.errors import BadRequest, mapped_errors
-from rpc.server import add_health_and_reflection, new_server, set_serving
+from rpc.server import add_health_and_reflection, bind, new_server, set_serving
 
 log = logging.getLogger("freshrec.ranking")
 SERVICES = [ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name,
             catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name]
 SOURCES = {PERSONALIZED: ranking_pb2.PERSONALIZED}
 T = TypeVar("T")
+# Who may call what when auth is on (rpc.security): only admins reload the catalog.
+POLICY = {f"/{service}/{method}": role for service, method, role in (
+    (SERVICES[0], "Recommend", "viewer"), (SERVICES[0], "SimilarItems", "viewer"),
+    (SERVICES[0], "HomePage", "viewer"), (SERVICES[1], "GetCatalogInfo", "viewer"),
+    (SERVICES[1], "ReloadCatalog", "admin"))}
 ERROR_CODES = {
     FilterError: grpc.StatusCode.INVALID_ARGUMENT,
     NotFoundError: grpc.StatusCode.NOT_FOUND,
@@ -171,8 +176,9 @@ class RankingServer:
     """The running server with its maintenance thread."""
 
     def __init__(self, server: grpc.Server, health_servicer: health.HealthServicer,
-                 deps: Deps, settings: Settings) -> None:
+                 deps: Deps, settings: Settings, mode: str) -> None:
         self.server, self.health, self.deps = server, health_servicer, deps
+        self.mode = mode  # e.g. "insecure, auth off", for the start-up log
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._maintain, args=(settings,), daemon=True,
                                         name="freshrec-catalog")
@@ -210,16 +216,15 @@ def create_server(settings: Settings, deps: Deps) -> tuple[RankingServer, int]:
     # threads inside one search would only spin against them.
     faiss.omp_set_num_threads(1)
     threadpool_limits(1, "blas")
-    server = new_server(settings.max_workers, settings.max_concurrent_rpcs,
-                        settings.max_message_bytes, reuse_port=settings.workers > 1)
+    server = new_server(settings, POLICY, reuse_port=settings.workers > 1)
     ranking_pb2_grpc.add_RankingServiceServicer_to_server(
         RankingServicer(settings, deps.ranker, deps.metrics), server)
     catalog_pb2_grpc.add_CatalogServiceServicer_to_server(
         CatalogServicer(settings, deps.ranker, deps.metrics), server)
-    health_servicer = add_health_and_reflection(server, SERVICES)
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    health_servicer = add_health_and_reflection(server, SERVICES, settings.reflection)
+    port, mode = bind(server, settings)
     server.start()
     deps.metrics.catalog.labels(deps.ranker.live.catalog.model_version).set(1)
     set_serving(health_servicer, SERVICES)
-    return RankingServer(server, health_servicer, deps, settings), port
+    return RankingServer(server, health_servicer, deps, settings, mode), port
 
