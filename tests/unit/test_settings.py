@@ -1,0 +1,41 @@
+"""Service settings from flags and FRESHREC_* environment defaults; the tokens file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from event_service.config import Settings as EventSettings
+from ranking_service.config import Settings as RankingSettings
+from rpc.security import load_tokens
+
+
+def test_flags_override_environment_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FRESHREC_PORT", "6000")
+    monkeypatch.setenv("FRESHREC_REFLECTION", "false")
+    monkeypatch.setenv("FRESHREC_FOLD_IN", "exact")
+    settings = EventSettings.from_args(["--data-dir", "/tmp/x", "--cg-iterations", "5"])
+    assert (settings.port, settings.reflection, settings.fold_in) == (6000, False, "exact")
+    assert settings.cg_iterations == 5 and settings.data_dir == Path("/tmp/x")
+    assert EventSettings.from_args(["--data-dir", "d", "--reflection"]).reflection is True
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="fold_in"):
+        EventSettings(data_dir=Path("d"), fold_in="magic")
+    with pytest.raises(ValueError, match="fixed --port"):
+        RankingSettings(data_dir=Path("d"), port=0, workers=2)
+    with pytest.raises(ValueError, match="mutual TLS"):
+        RankingSettings(data_dir=Path("d"), tls_client_ca="ca.pem")
+
+
+def test_tokens_file_parsing(tmp_path: Path) -> None:
+    good = tmp_path / "tokens"
+    good.write_text("# comment\n\nadmin 0123456789abcdef0\nviewer abcdefabcdefabcdef\n")
+    assert load_tokens(good) == [(b"0123456789abcdef0", "admin"),
+                                 (b"abcdefabcdefabcdef", "viewer")]
+    for line in ("root 0123456789abcdef0", "admin short", "admin a b"):
+        (tmp_path / "bad").write_text(line + "\n")
+        with pytest.raises(ValueError, match="line 1"):
+            load_tokens(tmp_path / "bad")
