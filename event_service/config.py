@@ -31,6 +31,10 @@ class Settings(ServerSettings):
     dedupe_retention_s: float = 7 * 86_400.0
     item_half_life_s: float = 86_400.0
     snapshot_poll_s: float = 2.0
+    store_map_bytes: int = field(default=4 << 30, metadata={
+        "help": "initial LMDB map size (virtual; the file grows as used)"})
+    store_max_bytes: int = field(default=1 << 40, metadata={
+        "help": "the map doubles up to this; past it writes get RESOURCE_EXHAUSTED"})
     weight_start: float = 0.1
     weight_progress: float = 0.5
     weight_complete: float = 1.0

@@ -21,7 +21,7 @@ from event_service.writer import QueueFull, Submission, Writer, WriterConfig, Wr
 from index import snapshots_dir, users_dir
 from index.catalog import CatalogSnapshot
 from index.events import Event, Rejection, validate
-from index.store import StoreFullError, UserStore
+from index.store import StoreFullError, StoreWriteError, UserStore
 from recsys.v1 import events_pb2, events_pb2_grpc
 from rpc.errors import BadRequest, mapped_errors, remaining
 from rpc.server import add_health_and_reflection, bind, new_server, set_serving
@@ -67,6 +67,7 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
         UnknownUser: grpc.StatusCode.NOT_FOUND,
         QueueFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
         StoreFullError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+        StoreWriteError: grpc.StatusCode.UNAVAILABLE,
         WriterStopped: grpc.StatusCode.UNAVAILABLE,
     }
 
@@ -199,7 +200,9 @@ class Deps:
 def open_deps(settings: Settings) -> Deps:
     """Open the store and the live snapshot's item factors (SnapshotError if there is none)."""
     catalog = CatalogSnapshot.load(snapshots_dir(settings.data_dir), with_index=False)
-    return Deps(UserStore(users_dir(settings.data_dir)), catalog, EventMetrics())
+    store = UserStore(users_dir(settings.data_dir), map_size=settings.store_map_bytes,
+                      max_map_size=settings.store_max_bytes)
+    return Deps(store, catalog, EventMetrics())
 
 
 class EventServer:

@@ -214,11 +214,12 @@ class Writer:
             metrics.event_to_commit_seconds.observe(committed - submission.received_at)
 
     def _housekeeping(self) -> None:
-        """Forget old event ids, and follow snapshots/CURRENT to a new model."""
+        """Forget old event ids, reap dead readers, follow snapshots/CURRENT to a new model."""
         self._next_housekeeping = time.monotonic() + self.config.snapshot_poll_s
         try:
             cutoff = time.time() - self.config.dedupe_retention_s
             self.store.transact(lambda w: w.prune_seen(cutoff, limit=10_000))
+            self.store.reap_stale_readers()
             self._follow_current()
         except Exception as exc:  # housekeeping must never stop the writer
             log.error("housekeeping failed: %s", exc)

@@ -32,7 +32,11 @@ MAX_MAP_SIZE = 1 << 40
 
 
 class StoreFullError(Exception):
-    """The LMDB map cannot grow any further (or the disk is full)."""
+    """The LMDB map cannot grow any further, or the disk is full: retry later."""
+
+
+class StoreWriteError(Exception):
+    """A write failed (an I/O error at commit); nothing of it was committed."""
 
 
 @dataclass(frozen=True)
@@ -208,17 +212,23 @@ class UserStore:
     """The LMDB env with its named DBs; thread-safe reads, one writer thread."""
 
     def __init__(self, path: Path, *, readonly: bool = False, map_size: int = DEFAULT_MAP_SIZE,
-                 max_readers: int = 1024, sync: bool = True) -> None:
+                 max_map_size: int = MAX_MAP_SIZE, max_readers: int = 1024,
+                 sync: bool = True) -> None:
         if not readonly:
             path.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self.max_map_size = max_map_size
         self.env = lmdb.open(str(path), map_size=map_size, max_dbs=len(DB_NAMES),
                              max_readers=max_readers, readonly=readonly, sync=sync,
                              metasync=sync, readahead=False)
-        self.env.reader_check()  # reap reader slots left by killed processes
+        self.reap_stale_readers()
         self.dbs = {name: self.env.open_db(name.encode(), create=not readonly)
                     for name in DB_NAMES}
         self._lock = _ResizeLock()
+
+    def reap_stale_readers(self) -> int:
+        """Free reader slots left by killed processes (else they pin old pages forever)."""
+        return int(self.env.reader_check())
 
     def close(self) -> None:
         """Close the env (after the writer has stopped)."""
@@ -232,14 +242,19 @@ class UserStore:
 
     @contextmanager
     def _read(self) -> Iterator[lmdb.Transaction]:
-        with self._lock.shared():
-            try:
-                txn = self.env.begin(buffers=True)
-            except lmdb.MapResizedError:
-                self.env.set_mapsize(0)  # another process grew the map: adopt its size
-                txn = self.env.begin(buffers=True)
-            with txn:
-                yield txn
+        while True:
+            with self._lock.shared():
+                try:
+                    txn = self.env.begin(buffers=True)
+                except lmdb.MapResizedError:
+                    txn = None
+                if txn is not None:
+                    with txn:
+                        yield txn
+                    return
+            # Another process grew the map: adopt its size, with no txn open in this process.
+            with self._lock.exclusive():
+                self.env.set_mapsize(0)
 
     def get_user(self, user_id: str) -> UserRecord | None:
         """A user's latest committed record, or None."""
@@ -287,7 +302,8 @@ class UserStore:
         """Run `work` in one write txn and commit it; on map full, grow the map and rerun.
 
         `work` must only touch the txn (it may run more than once). Raises StoreFullError
-        when the map cannot grow or the disk is full; nothing is committed then.
+        when the map cannot grow or the disk is full, StoreWriteError on other I/O errors;
+        nothing is committed then.
         """
         while True:
             try:
@@ -296,11 +312,14 @@ class UserStore:
             except lmdb.MapFullError:
                 self._grow()
             except lmdb.DiskError as exc:
-                raise StoreFullError(f"{self.path}: disk full or I/O error: {exc}") from exc
+                raise StoreFullError(f"{self.path}: disk full: {exc}") from exc
+            except lmdb.Error as exc:  # e.g. EIO when a full disk cuts a commit short
+                raise StoreWriteError(f"{self.path}: write failed: {exc}") from exc
 
     def _grow(self) -> None:
         size = int(self.env.info()["map_size"]) * 2
-        if size > MAX_MAP_SIZE:
-            raise StoreFullError(f"{self.path}: LMDB map would exceed {MAX_MAP_SIZE} bytes")
+        if size > self.max_map_size:
+            raise StoreFullError(f"{self.path}: the store is full (LMDB map would exceed "
+                                 f"{self.max_map_size} bytes)")
         with self._lock.exclusive():
             self.env.set_mapsize(size)

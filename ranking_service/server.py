@@ -196,6 +196,7 @@ class RankingServer:
                     metrics.reloads.labels("followed").inc()
                 if time.monotonic() >= next_trending:
                     ranker.refresh_trending()
+                    self.deps.store.reap_stale_readers()
                     next_trending = time.monotonic() + settings.trending_refresh_s
             except Exception as exc:  # never stop maintaining; keep serving the old catalog
                 log.error("catalog maintenance: %s", exc)
