@@ -103,8 +103,10 @@ class Stream:
             self.counts["rejected"] += len(ack.rejections)
 
     def close(self) -> None:
-        """End the stream and close the channel."""
+        """Half-close the stream, wait for the server to end it, close the channel."""
         self._requests.put(None)
+        for _ in self._acks:
+            pass
         self.channel.close()
 
 

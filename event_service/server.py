@@ -106,12 +106,17 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
     @mapped_errors
     def Ingest(self, request_iterator: Iterator[events_pb2.IngestRequest],
                context: grpc.ServicerContext) -> events_pb2.IngestResponse:
+        # The whole stream is read and checked before anything is queued, so a refused
+        # call changes nothing; IngestStream is the pipelined, per-batch-ack way in.
         submissions, offset = [], 0
         for request in request_iterator:
-            submission = self._submission(request.events, offset)
+            submissions.append(self._submission(request.events, offset))
             offset += len(request.events)
+            if offset > self.settings.queue_max_events:
+                raise BadRequest(f"more than {self.settings.queue_max_events} events in one "
+                                 "Ingest call; split it or use IngestStream")
+        for submission in submissions:
             self.writer.submit(submission, block=True, still_wanted=context.is_active)
-            submissions.append(submission)
         summary = events_pb2.IngestResponse()
         for submission in submissions:
             result = submission.wait(remaining(context))
@@ -128,7 +133,12 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
         threading.Thread(target=self._read_stream, args=(request_iterator, context, inflight),
                          daemon=True, name="freshrec-stream-reader").start()
         while True:
-            item = inflight.get()
+            try:
+                item = inflight.get(timeout=0.1)
+            except queue.Empty:
+                if not context.is_active():  # cancelled: the reader has stopped too
+                    return
+                continue
             if item is _END:
                 return
             if isinstance(item, Exception):

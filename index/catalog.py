@@ -29,6 +29,10 @@ from index.snapshot import (
     sha256_file,
 )
 
+# The item columns of items.npz and their types.
+COLUMNS = {"years": np.dtype(np.int16), "popularity": np.dtype(np.float32),
+           "genre_mask": np.dtype(np.uint64)}
+
 
 class CatalogSnapshot:
     """Item factors, FAISS index and item metadata of one model version, checked on load."""
@@ -102,7 +106,7 @@ class CatalogSnapshot:
         `with_index=False` skips the FAISS index (the event service only folds in).
         """
         version = current_version(root) if version is None else version
-        if not VERSION_PATTERN.match(version):
+        if not VERSION_PATTERN.fullmatch(version):
             raise SnapshotError(f"{root}: invalid snapshot version {version!r}")
         path = root / version
         if not path.resolve().is_relative_to(root.resolve()):
@@ -113,7 +117,7 @@ class CatalogSnapshot:
                                 f"does not match directory {version!r}")
         for name in DATA_FILES:
             _check_file(path / name, manifest.files[name], verify and
-                        (with_index or name != INDEX_FILE))
+                        (with_index or name != INDEX_FILE), root)
         factors = _load_factors(path / FACTORS_FILE, manifest, mmap)
         index = _load_index(path / INDEX_FILE, manifest, mmap) if with_index else None
         columns = _load_columns(path / ITEMS_FILE, manifest)
@@ -126,22 +130,35 @@ class CatalogSnapshot:
 
 def _read_manifest(path: Path) -> Manifest:
     file = path / MANIFEST
+    if not file.exists() and not file.is_symlink():
+        raise SnapshotError(f"{file}: missing")
+    _check_inside(file, path.parent)
     try:
         raw = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise SnapshotError(f"{file}: missing") from exc
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SnapshotError(f"{file}: unreadable manifest: {exc}") from exc
+    except Exception as exc:  # any parse failure (deep nesting, huge ints, bad bytes) refuses
+        raise SnapshotError(f"{file}: unreadable manifest: {exc!r}"[:500]) from exc
     if not isinstance(raw, dict):
         raise SnapshotError(f"{file}: manifest is not a JSON object")
     return Manifest.parse(raw, file)
 
 
-def _check_file(file: Path, expected: dict[str, object], verify: bool) -> None:
+def _check_inside(file: Path, root: Path) -> None:
+    """Refuse a file that is not a regular file under the snapshots dir (symlinks out)."""
     try:
-        size = file.stat().st_size
-    except FileNotFoundError as exc:
-        raise SnapshotError(f"{file}: missing") from exc
+        real = file.resolve(strict=True)
+    except (OSError, RuntimeError) as exc:  # dangling link, loop
+        raise SnapshotError(f"{file}: missing or unresolvable: {exc}") from exc
+    if not real.is_relative_to(root.resolve()):
+        raise SnapshotError(f"{file}: resolves outside {root}")
+    if not real.is_file():
+        raise SnapshotError(f"{file}: not a regular file")
+
+
+def _check_file(file: Path, expected: dict[str, object], verify: bool, root: Path) -> None:
+    if not file.exists() and not file.is_symlink():
+        raise SnapshotError(f"{file}: missing")
+    _check_inside(file, root)
+    size = file.stat().st_size
     if size != expected.get("bytes"):
         raise SnapshotError(f"{file}: {size} bytes, manifest says {expected.get('bytes')}")
     if verify and sha256_file(file) != expected.get("sha256"):
@@ -149,21 +166,21 @@ def _check_file(file: Path, expected: dict[str, object], verify: bool) -> None:
 
 
 def _load_factors(file: Path, manifest: Manifest, mmap: bool) -> np.ndarray:
-    try:
-        factors = np.load(file, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise SnapshotError(f"{file}: unreadable: {exc}") from exc
+    try:  # mapped first, so a header claiming absurd sizes cannot allocate them
+        factors = np.load(file, mmap_mode="r", allow_pickle=False)
+    except Exception as exc:
+        raise SnapshotError(f"{file}: unreadable: {exc!r}") from exc
     if factors.dtype != np.float32 or factors.shape != (manifest.item_count, manifest.dim):
         raise SnapshotError(f"{file}: {factors.dtype} {factors.shape}, manifest says float32 "
                             f"{(manifest.item_count, manifest.dim)}")
-    return factors
+    return factors if mmap else np.array(factors)
 
 
 def _load_index(file: Path, manifest: Manifest, mmap: bool) -> faiss.Index:
     try:
         index = faiss.read_index(str(file), faiss.IO_FLAG_MMAP if mmap else 0)
-    except RuntimeError as exc:
-        raise SnapshotError(f"{file}: unreadable FAISS index: {exc}") from exc
+    except Exception as exc:  # RuntimeError, or MemoryError for absurd sizes inside
+        raise SnapshotError(f"{file}: unreadable FAISS index: {exc!r}") from exc
     if index.d != manifest.dim or index.ntotal != manifest.item_count:
         raise SnapshotError(f"{file}: index has d={index.d}, ntotal={index.ntotal}; manifest "
                             f"says dim={manifest.dim}, item_count={manifest.item_count}")
@@ -175,21 +192,21 @@ def _load_index(file: Path, manifest: Manifest, mmap: bool) -> faiss.Index:
 def _load_columns(file: Path, manifest: Manifest) -> dict[str, np.ndarray]:
     try:
         with np.load(file, allow_pickle=False) as npz:
-            columns = {name: npz[name] for name in ("years", "popularity", "genre_mask")}
-    except (OSError, ValueError, KeyError) as exc:
-        raise SnapshotError(f"{file}: unreadable item columns: {exc}") from exc
+            columns = {name: npz[name] for name in COLUMNS}
+    except Exception as exc:  # bad zip, truncated member, missing column...
+        raise SnapshotError(f"{file}: unreadable item columns: {exc!r}") from exc
     for name, values in columns.items():
-        if values.shape != (manifest.item_count,):
-            raise SnapshotError(f"{file}: column {name} has shape {values.shape}, "
-                                f"manifest says {manifest.item_count} items")
+        if values.shape != (manifest.item_count,) or values.dtype != COLUMNS[name]:
+            raise SnapshotError(f"{file}: column {name} is {values.dtype} {values.shape}, "
+                                f"expected {COLUMNS[name]} ({manifest.item_count},)")
     return columns
 
 
 def _load_lines(file: Path, manifest: Manifest) -> list[str]:
     try:
         lines = file.read_text(encoding="utf-8").split("\n")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SnapshotError(f"{file}: unreadable: {exc}") from exc
+    except Exception as exc:
+        raise SnapshotError(f"{file}: unreadable: {exc!r}") from exc
     if len(lines) != manifest.item_count:
         raise SnapshotError(f"{file}: {len(lines)} lines, manifest says {manifest.item_count}")
     return lines

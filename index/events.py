@@ -36,7 +36,7 @@ class Event:
     user_id: str
     item_id: str
     type: int
-    occurred_at: float | None  # unix seconds; None when the client did not set it
+    occurred_at: float | None  # unix seconds; None when the client did not set it (invalid)
     watch_fraction: float
 
 
@@ -98,9 +98,11 @@ def validate(event: Event, now: float, limits: Limits) -> tuple[str, str] | None
     if not 0.0 <= event.watch_fraction <= 1.0:
         return "watch_fraction_out_of_range", f"watch_fraction {event.watch_fraction} not in [0, 1]"
     at = event.occurred_at
-    if at is not None and (not math.isfinite(at) or at < 0):
+    if at is None:
+        return "missing_occurred_at", "occurred_at is not set"
+    if not math.isfinite(at) or at < 0:
         return "invalid_occurred_at", f"occurred_at {at} is not a valid time"
-    if at is not None and at > now + limits.max_future_skew_s:
+    if at > now + limits.max_future_skew_s:
         return "occurred_at_in_future", f"occurred_at is {at - now:.0f} s in the future"
     return None
 
@@ -143,8 +145,8 @@ def apply_group(writer: StoreWriter, catalog: CatalogSnapshot, events: Sequence[
         writer.mark_seen(event.event_id, now)
         weight = weights.weight(event)
         writer.add_item_count(event.item_id, weight, now, item_half_life_s)
-        at = now if event.occurred_at is None else event.occurred_at
-        plays.setdefault(event.user_id, []).append((event.item_id, weight, at))
+        assert event.occurred_at is not None  # validated
+        plays.setdefault(event.user_id, []).append((event.item_id, weight, event.occurred_at))
     records = _refresh_users(writer, catalog, plays, policy, now)
     for event in events:
         record = records.get(event.user_id) or writer.get_user(event.user_id)

@@ -198,10 +198,10 @@ class Ranker:
             add("because_you_watched", f"Because you watched {catalog.titles[last]}",
                 live.filters.bitmap(spec), np.asarray(catalog.item_factors[last], np.float32))
         add("top_picks", "Top picks for you", live.filters.bitmap(spec), vector)
-        recent_from = live.filters.last_year - self.config.new_release_years
-        new_spec = ItemFilter(spec.genres_any, spec.genres_none,
-                              max(spec.min_year, recent_from), spec.max_year)
-        add("new_releases", "New releases for you", live.filters.bitmap(new_spec), vector)
+        recent_from = max(spec.min_year, live.filters.last_year - self.config.new_release_years)
+        if not spec.max_year or spec.max_year >= recent_from:  # else the filter excludes them
+            new_spec = ItemFilter(spec.genres_any, spec.genres_none, recent_from, spec.max_year)
+            add("new_releases", "New releases for you", live.filters.bitmap(new_spec), vector)
         add("trending", "Trending now", live.filters.bitmap(spec), None, trending=True)
         return rows, record.version if record else 0, catalog
 

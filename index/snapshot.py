@@ -124,18 +124,41 @@ class Manifest:
             manifest = Manifest(**raw)
         except TypeError as exc:
             raise SnapshotError(f"{path}: bad manifest fields: {exc}") from exc
-        checks = [
-            (manifest.format == FORMAT, f"format {manifest.format!r} is not {FORMAT}"),
-            (manifest.metric == METRIC, f"metric {manifest.metric!r} is not {METRIC}"),
-            (isinstance(manifest.dim, int) and 0 < manifest.dim <= MAX_DIM, "bad dim"),
-            (isinstance(manifest.item_count, int) and 0 < manifest.item_count <= MAX_ITEMS,
-             "bad item_count"),
-            (set(manifest.files) == set(DATA_FILES), f"files must be {sorted(DATA_FILES)}"),
-        ]
-        for ok, message in checks:
+        for ok, message in _manifest_checks(manifest):
             if not ok:
                 raise SnapshotError(f"{path}: {message}")
         return manifest
+
+
+def _is(value: Any, kind: type | tuple[type, ...]) -> bool:
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def _manifest_checks(m: Manifest) -> list[tuple[bool, str]]:
+    """Every field's type and range: a manifest is input like any other."""
+    files_ok = isinstance(m.files, dict) and set(m.files) == set(DATA_FILES) and all(
+        isinstance(f, dict) and _is(f.get("bytes"), int) and isinstance(f.get("sha256"), str)
+        for f in m.files.values())
+    als_ok = isinstance(m.als, dict) and all(
+        _is(m.als.get(key), (int, float)) and 0 <= m.als[key] < 1e6
+        for key in ("factors", "regularization", "alpha", "iterations"))
+    return [
+        (m.format == FORMAT, f"format {m.format!r} is not {FORMAT}"),
+        (m.metric == METRIC, f"metric {m.metric!r} is not {METRIC}"),
+        (isinstance(m.model_version, str), "model_version must be a string"),
+        (_is(m.dim, int) and 0 < m.dim <= MAX_DIM, f"dim must be in [1, {MAX_DIM}]"),
+        (_is(m.item_count, int) and 0 < m.item_count <= MAX_ITEMS,
+         f"item_count must be in [1, {MAX_ITEMS}]"),
+        (isinstance(m.index_type, str), "index_type must be a string"),
+        (isinstance(m.search, dict) and all(isinstance(k, str) and _is(v, int) and 0 < v < 1e6
+                                            for k, v in m.search.items()),
+         "search must map parameter names to positive integers"),
+        (als_ok, "als must give numeric factors, regularization, alpha and iterations"),
+        (isinstance(m.genres, list) and len(m.genres) <= 64
+         and all(isinstance(g, str) for g in m.genres), "genres must be up to 64 strings"),
+        (_is(m.created_at, (int, float)), "created_at must be a number"),
+        (files_ok, f"files must give bytes and sha256 of each of {sorted(DATA_FILES)}"),
+    ]
 
 
 def sha256_file(path: Path) -> str:
@@ -170,7 +193,7 @@ def write_snapshot(
     make_current: bool = True,
 ) -> Path:
     """Write a complete snapshot under `root`/<version>, then (optionally) point CURRENT at it."""
-    if not VERSION_PATTERN.match(version):
+    if not VERSION_PATTERN.fullmatch(version):
         raise ValueError(f"bad model version {version!r}: letters, digits, '.', '_', '-'")
     if item_factors.shape[0] != len(items) or popularity.shape != (len(items),):
         raise ValueError("item factors, items and popularity must have one row per item")
@@ -245,6 +268,6 @@ def current_version(root: Path) -> str:
     except FileNotFoundError as exc:
         raise SnapshotError(f"{path}: missing; build a snapshot with `python -m index build`") \
             from exc
-    if not VERSION_PATTERN.match(version):
+    if not VERSION_PATTERN.fullmatch(version):
         raise SnapshotError(f"{path}: names an invalid version {version!r}")
     return version

@@ -87,3 +87,25 @@ def test_a_full_queue_answers_resource_exhausted_and_loses_nothing(fresh_data_di
     finally:
         _GatedStore.gate.set()
         running.close()
+
+
+def test_past_max_concurrent_rpcs_calls_are_refused_at_once(fresh_data_dir: Path) -> None:
+    running = RunningEvents(event_settings(fresh_data_dir, max_concurrent_rpcs=2))
+    gate = threading.Event()
+
+    def held_open():  # type: ignore[no-untyped-def]
+        yield events_pb2.IngestStreamRequest(sequence=1)
+        gate.wait(30)
+
+    try:
+        streams = [running.stub.IngestStream(held_open()) for _ in range(2)]
+        for stream in streams:
+            next(stream)  # both streams are being served
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as error:
+            running.stub.GetUser(events_pb2.GetUserRequest(user_id="u1"), timeout=10)
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert time.monotonic() - started < 2
+    finally:
+        gate.set()
+        running.close()

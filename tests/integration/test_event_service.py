@@ -71,13 +71,17 @@ BAD_EVENTS = {
     "watch_fraction_not_finite": dict(fraction=math.nan),
     "occurred_at_in_future": dict(at=time.time() + 86_400),
     "invalid_occurred_at": dict(at=-5.0),
+    "missing_occurred_at": {},
 }
 
 
 def _bad(reason: str, index: int = 0) -> events_pb2.PlaybackEvent:
     fields: dict = {"event_id": f"bad-{reason}-{index}", "user": "u9", "item": "i1",
                     **BAD_EVENTS[reason]}
-    return playback(fields.pop("event_id"), fields.pop("user"), fields.pop("item"), **fields)
+    event = playback(fields.pop("event_id"), fields.pop("user"), fields.pop("item"), **fields)
+    if reason == "missing_occurred_at":
+        event.ClearField("occurred_at")
+    return event
 
 
 @pytest.mark.parametrize("reason", sorted(BAD_EVENTS))
