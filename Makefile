@@ -36,7 +36,7 @@ lint: $(STUBS)
 	$(BIN)/mypy
 
 bench: $(STUBS)
-	$(BIN)/python -m bench.foldin
+	$(BIN)/python -m bench.run $(if $(QUICK),--quick)
 
 eval: $(STUBS)
 	@echo "make eval: the offline A/B replay needs both services; not built yet" >&2; exit 2

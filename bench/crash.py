@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from bench.services import start_event_service
 from index import snapshots_dir, users_dir
 from index.catalog import CatalogSnapshot
 from index.snapshot import SnapshotError, current_version
@@ -45,21 +45,6 @@ BATCH = 50
 # and never evicted from the (500-item) history: its weight then shows each application.
 MAX_EVENTS = USERS * 400
 FRACTION = 0.5  # a PLAY_COMPLETE at half watched weighs 0.5
-
-
-def start_event_service(data_dir: Path) -> tuple[subprocess.Popen[str], int, float]:
-    """Start the event service on a free port; returns (process, port, seconds to listen)."""
-    started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "event_service", "--data-dir", str(data_dir),
-                             "--port", "0"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        found = re.search(r" on [\d.]+:(\d+) ", line)
-        if found:
-            threading.Thread(target=proc.stderr.read, daemon=True).start()
-            return proc, int(found.group(1)), time.perf_counter() - started
-    raise RuntimeError(f"event service did not start (exit {proc.wait()})")
 
 
 @dataclass

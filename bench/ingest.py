@@ -1,7 +1,6 @@
 """Ingest throughput and ack latency of the event service, driven over gRPC from another process.
 
-`python -m bench.ingest --data-dir D` copies D, starts the event service on the copy, and
-measures (durable commits throughout):
+Measured by `make bench` (bench/run.py), with durable commits throughout:
   * sustained events/s through IngestStream with 500-event batches, and with 1-event messages;
   * ack latency (send -> durable ack) p50/p99 at a fixed event rate, in 50-, 10- and
     1-event messages.
@@ -10,29 +9,20 @@ Events go to bootstrapped users and catalog items at random, so every one folds 
 
 from __future__ import annotations
 
-import argparse
-import json
-import shutil
-import signal
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
+from typing import Any
 
-import grpc
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from bench.crash import start_event_service
-from index import snapshots_dir
-from index.catalog import CatalogSnapshot
 from recsys.v1 import events_pb2, events_pb2_grpc
 
 
 class EventFactory:
     """Unique events for random known users and items."""
 
-    def __init__(self, items: list[str], users: int, seed: int, prefix: str) -> None:
+    def __init__(self, items: list[str], users: list[str], seed: int, prefix: str) -> None:
         self.items, self.users, self.prefix = items, users, prefix
         self.rng = np.random.default_rng(seed)
         self.count = 0
@@ -40,11 +30,11 @@ class EventFactory:
     def make(self, n: int) -> list[events_pb2.PlaybackEvent]:
         stamp = Timestamp()
         stamp.GetCurrentTime()
-        users = self.rng.integers(1, self.users + 1, n)
+        users = self.rng.integers(0, len(self.users), n)
         items = self.rng.integers(0, len(self.items), n)
         start, self.count = self.count, self.count + n
         return [events_pb2.PlaybackEvent(
-            event_id=f"{self.prefix}-{start + i}", user_id=str(users[i]),
+            event_id=f"{self.prefix}-{start + i}", user_id=self.users[users[i]],
             item_id=self.items[items[i]], type=events_pb2.PLAY_COMPLETE, occurred_at=stamp,
             watch_fraction=0.8) for i in range(n)]
 
@@ -86,43 +76,15 @@ def ack_latency(stub: events_pb2_grpc.EventServiceStub, factory: EventFactory, r
             "max_ms": round(float(ms.max()), 2)}
 
 
-def run(data_dir: Path, quick: bool, rate: float, single_rate: float) -> dict[str, object]:
-    """Run every measurement against a fresh copy of `data_dir`."""
-    catalog = CatalogSnapshot.load(snapshots_dir(data_dir), with_index=False)
-    scale = 0.1 if quick else 1.0
-    with tempfile.TemporaryDirectory() as tmp:
-        copy = Path(tmp) / "data"
-        shutil.copytree(data_dir, copy)
-        proc, port, _ = start_event_service(copy)
-        try:
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-                stub = events_pb2_grpc.EventServiceStub(channel)
-                factory = EventFactory(catalog.item_ids, users=900, seed=0, prefix="bench")
-                throughput(stub, factory, 500, 20_000)  # warm-up
-                return {
-                    "throughput": [throughput(stub, factory, 500, int(300_000 * scale)),
-                                   throughput(stub, factory, 1, int(30_000 * scale))],
-                    "ack_latency": [ack_latency(stub, factory, rate, batch, 10 * scale)
-                                    for batch in (50, 10)]
-                    + [ack_latency(stub, factory, single_rate, 1, 10 * scale)],
-                }
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
-
-
-def main() -> None:
-    """CLI: print the figures as JSON."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data-dir", type=Path, required=True, help="a built data dir")
-    parser.add_argument("--rate", type=float, default=5_000.0,
-                        help="events/s for ack latency with 50- and 10-event messages")
-    parser.add_argument("--single-rate", type=float, default=2_000.0,
-                        help="events/s for ack latency with 1-event messages")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    print(json.dumps(run(args.data_dir, args.quick, args.rate, args.single_rate), indent=2))
-
-
-if __name__ == "__main__":
-    main()
+def suite(stub: events_pb2_grpc.EventServiceStub, items: list[str], users: list[str],
+          scale: float, rate: float, single_rate: float) -> dict[str, Any]:
+    """Throughput (500-event and 1-event messages) and ack latency at fixed rates."""
+    factory = EventFactory(items, users=users, seed=0, prefix=f"bench-{time.time_ns()}")
+    throughput(stub, factory, 500, 5_000)  # warm-up
+    return {
+        "throughput": [throughput(stub, factory, 500, int(300_000 * scale)),
+                       throughput(stub, factory, 1, int(30_000 * scale))],
+        "ack_latency": [ack_latency(stub, factory, rate, batch, 10 * scale)
+                        for batch in (50, 10)]
+        + [ack_latency(stub, factory, single_rate, 1, 10 * scale)],
+    }

@@ -145,9 +145,11 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
                              "snapshots/ (letters, digits, '.', '_', '-')")
         try:
             catalog = self.ranker.reload(version)
-        except SnapshotError:
+        except SnapshotError as exc:
             self.metrics.reloads.labels("refused").inc()
-            raise
+            log.error("reload refused: %s", exc)  # the full path stays in the server's log
+            raise SnapshotError(str(exc).replace(str(self.settings.data_dir), "<data-dir>")) \
+                from exc
         if version is not None:  # CURRENT is the truth every process follows
             set_current(self.ranker.snapshots, version)
         self.metrics.reloads.labels("loaded").inc()

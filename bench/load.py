@@ -1,0 +1,127 @@
+"""Load generation against the ranking service from client processes, and the floors.
+
+Clients run in separate processes (spawned), so they share no GIL with each other or with
+the servers: N clients = up to 4 processes x N/4 threads, each calling back to back.
+The floors, measured in the same run: a minimal grpcio server answering with an empty
+response (one Python gRPC round trip) and exact numpy search in-process (the search).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+from concurrent import futures
+from typing import Any
+
+import grpc
+import numpy as np
+
+from index.catalog import CatalogSnapshot
+from recsys.v1 import ranking_pb2, ranking_pb2_grpc
+
+MAX_CLIENT_PROCS = 4
+
+
+def percentiles(seconds: list[float]) -> dict[str, float]:
+    """p50/p95/p99/p99.9 in milliseconds."""
+    if not seconds:
+        return {}
+    ms = np.asarray(seconds) * 1000
+    return {f"p{q:g}_ms": round(float(np.percentile(ms, q)), 3) for q in (50, 95, 99, 99.9)}
+
+
+def _request(rpc: str, user: str) -> Any:
+    if rpc == "HomePage":
+        return ranking_pb2.HomePageRequest(user_id=user, k_per_row=10)
+    return ranking_pb2.RecommendRequest(user_id=user, k=10)
+
+
+def _client_process(target: str, rpc: str, users: list[str], threads: int, seconds: float,
+                    seed: int, out: Any) -> None:
+    stub = ranking_pb2_grpc.RankingServiceStub(grpc.insecure_channel(target))
+    call = getattr(stub, rpc)
+    call(_request(rpc, users[0]), timeout=10)  # connect before the clock starts
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    deadline = time.perf_counter() + seconds
+
+    def loop(thread: int) -> None:
+        rng = np.random.default_rng(seed * 1000 + thread)
+        while time.perf_counter() < deadline:
+            request = _request(rpc, users[rng.integers(len(users))])
+            started = time.perf_counter()
+            try:
+                call(request, timeout=5)
+                latencies.append(time.perf_counter() - started)
+            except grpc.RpcError as exc:
+                errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
+
+    workers = [threading.Thread(target=loop, args=(t,)) for t in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    out.put((latencies, errors))
+
+
+def drive(target: str, rpc: str, users: list[str], clients: int,
+          seconds: float) -> dict[str, Any]:
+    """`clients` concurrent callers of `rpc` for `seconds`: throughput, latency, errors."""
+    procs_n = min(clients, MAX_CLIENT_PROCS)
+    context = multiprocessing.get_context("spawn")
+    out = context.Queue()
+    procs = [context.Process(target=_client_process,
+                             args=(target, rpc, users, clients // procs_n, seconds, p, out))
+             for p in range(procs_n)]
+    for proc in procs:
+        proc.start()
+    results = [out.get() for _ in procs]
+    for proc in procs:
+        proc.join()
+    latencies = [x for lat, _ in results for x in lat]
+    errors: dict[str, int] = {}
+    for _, errs in results:
+        for code, n in errs.items():
+            errors[code] = errors.get(code, 0) + n
+    return {"rpc": rpc, "clients": clients, "requests": len(latencies),
+            "requests_per_s": round(len(latencies) / seconds), "errors": errors,
+            **percentiles(latencies), "_latencies": latencies}
+
+
+class _Echo(ranking_pb2_grpc.RankingServiceServicer):
+    def Recommend(self, request: Any, context: Any) -> ranking_pb2.RecommendResponse:
+        return ranking_pb2.RecommendResponse()
+
+
+def echo_floor(clients: list[int], seconds: float) -> list[dict[str, Any]]:
+    """The floor of a Python gRPC round trip: an empty Recommend answer, same client code."""
+    server = grpc.server(futures.ThreadPoolExecutor(16))
+    ranking_pb2_grpc.add_RankingServiceServicer_to_server(_Echo(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        return [drive(f"127.0.0.1:{port}", "Recommend", ["u"], n, seconds) for n in clients]
+    finally:
+        server.stop(0)
+
+
+def exact_floor(catalog: CatalogSnapshot, vectors: np.ndarray) -> dict[str, float]:
+    """In-process exact search (matmul + top-10) per query: the floor of the search itself."""
+    factors = np.asarray(catalog.item_factors)
+    latencies = []
+    for vector in vectors:
+        started = time.perf_counter()
+        scores = factors @ vector
+        top = np.argpartition(-scores, 10)[:10]
+        top[np.argsort(-scores[top])]
+        latencies.append(time.perf_counter() - started)
+    return percentiles(latencies)
+
+
+def recall_at_10(catalog: CatalogSnapshot, vectors: np.ndarray) -> float:
+    """recall@10 of the snapshot's index against exact search, on real user vectors."""
+    exact = np.argsort(-(vectors @ np.asarray(catalog.item_factors).T), axis=1)[:, :10]
+    ids, _ = catalog.search(vectors, 10)
+    return round(float(np.mean([len(set(a) & set(e)) / 10
+                                for a, e in zip(ids, exact, strict=True)])), 4)

@@ -1,0 +1,86 @@
+"""The benchmark report: a Markdown table and a PNG of latency CDFs and throughput."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def without_samples(value: Any) -> Any:
+    """The results without raw latency samples (keys starting with '_'), for the JSON."""
+    if isinstance(value, dict):
+        return {k: without_samples(v) for k, v in value.items() if not k.startswith("_")}
+    if isinstance(value, list):
+        return [without_samples(v) for v in value]
+    return value
+
+
+def _ms(stats: dict[str, Any]) -> str:
+    return f"{stats.get('p50_ms', float('nan')):.2f} / {stats.get('p99_ms', float('nan')):.2f}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """One table per topic, figures as measured (2 cores, loopback)."""
+    echo = {r["clients"]: r for r in results["floor_grpc_echo"]}
+    lines = [f"Machine: {results['machine']['cpus']} cores. Latency p50 / p99 in ms.", "",
+             "| catalog | items | index | recall@10 | exact search (floor) | RPC | "
+             "1 client | 4 clients req/s | 16 clients req/s | 16 clients p50 / p99 | errors |",
+             "|---|---:|---|---:|---:|---|---:|---:|---:|---:|---|"]
+    for name, c in results["catalogs"].items():
+        for rpc in ("Recommend", "HomePage"):
+            runs = {r["clients"]: r for r in c[rpc]}
+            errors = sum(sum(r["errors"].values()) for r in c[rpc])
+            lines.append(f"| {name} | {c['items']:,} | {c['index']} | {c['recall_at_10']} | "
+                         f"{_ms(c['floor_exact_search'])} | {rpc} | {_ms(runs[1])} | "
+                         f"{runs[4]['requests_per_s']:,} | {runs[16]['requests_per_s']:,} | "
+                         f"{_ms(runs[16])} | {errors} |")
+    lines.append(f"| grpc echo (floor) | | | | | empty Recommend | {_ms(echo[1])} | "
+                 f"{echo[4]['requests_per_s']:,} | {echo[16]['requests_per_s']:,} | "
+                 f"{_ms(echo[16])} | {sum(sum(r['errors'].values()) for r in echo.values())} |")
+    lines += ["", "| catalog | ingest 500-event msgs ev/s | 1-event msgs ev/s | "
+              "ack p50 / p99 @5k ev/s in 50s | @5k ev/s in 10s | @2k ev/s in 1s | "
+              "freshness p50 / p99 (1k ev/s background) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, c in results["catalogs"].items():
+        batched, single = c["ingest"]["throughput"]
+        acks = c["ingest"]["ack_latency"]
+        lines.append(f"| {name} | {batched['events_per_s']:,} | {single['events_per_s']:,} | "
+                     + " | ".join(_ms(a) for a in acks) + f" | {_ms(c['freshness'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _cdf(ax: Any, samples: list[float], label: str) -> None:
+    ms = np.sort(np.asarray(samples) * 1000)
+    if len(ms):
+        ax.plot(ms, np.arange(1, len(ms) + 1) / len(ms), label=label)
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Latency CDF per RPC (1 client) and throughput vs clients, per catalog."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (cdf, tput) = plt.subplots(1, 2, figsize=(13, 5))
+    echo = results["floor_grpc_echo"]
+    _cdf(cdf, echo[0].get("_latencies", []), "grpc echo (floor)")
+    tput.plot([r["clients"] for r in echo], [r["requests_per_s"] for r in echo], "k--",
+              label="grpc echo (floor)")
+    for name, c in results["catalogs"].items():
+        for rpc in ("Recommend", "HomePage"):
+            _cdf(cdf, c[rpc][0].get("_latencies", []), f"{name} {rpc}")
+            tput.plot([r["clients"] for r in c[rpc]], [r["requests_per_s"] for r in c[rpc]],
+                      marker="o", label=f"{name} {rpc}")
+        _cdf(cdf, c["freshness"].get("_latencies", []), f"{name} event->visible")
+    cdf.set(xscale="log", xlabel="latency (ms, 1 client)", ylabel="fraction of calls",
+            title="Latency CDF")
+    tput.set(xscale="log", xlabel="concurrent clients", ylabel="requests/s",
+             title="Throughput vs clients")
+    for ax in (cdf, tput):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
