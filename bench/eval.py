@@ -42,8 +42,7 @@ import grpc
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from bench.crash import start_event_service
-from bench.ranking import start_ranking
+from bench.services import start_event_service, start_ranking
 from index.datasets import Interactions, load_movielens_100k
 from index.model import AlsParams
 from recsys.v1 import events_pb2, events_pb2_grpc, ranking_pb2, ranking_pb2_grpc

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import signal
 import sys
-import threading
 
 from event_service.config import Settings
 from event_service.server import create_server, open_deps
 from index.snapshot import SnapshotError
+from rpc.server import wait_for_signal
 
 log = logging.getLogger("freshrec.events")
 
@@ -28,10 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         deps.metrics.serve(settings.metrics_port, settings.host)
     log.info("event service on %s:%d (%s; model %s)", settings.host, port, server.mode,
              deps.catalog.model_version)
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    stop.wait()
+    wait_for_signal()
     log.info("shutting down: draining the writer")
     server.stop(settings.grace_s)
     log.info("stopped cleanly")

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from index.events import EventWeights, FoldInPolicy, Limits
-from rpc.settings import MiB, ServerSettings, add_fields
+from rpc.settings import MiB, ServerSettings
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,12 +58,3 @@ class Settings(ServerSettings):
     def policy(self) -> FoldInPolicy:
         """Fold-in method and history bound."""
         return FoldInPolicy(self.fold_in, self.cg_iterations, self.max_history)
-
-    @staticmethod
-    def from_args(argv: list[str] | None = None) -> Settings:
-        """Parse flags (defaults from FRESHREC_* env)."""
-        parser = argparse.ArgumentParser(prog="python -m event_service",
-                                         description="freshrec event service")
-        add_fields(parser, Settings)
-        args = vars(parser.parse_args(argv))
-        return Settings(**{**args, "data_dir": Path(args["data_dir"])})

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from index.ranking import RankingConfig
-from rpc.settings import ServerSettings, add_fields
+from rpc.settings import ServerSettings
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,12 +39,3 @@ class Settings(ServerSettings):
         """The ranker's tuning."""
         return RankingConfig(self.brute_force_below, popularity_blend=self.popularity_blend,
                              new_release_years=self.new_release_years)
-
-    @staticmethod
-    def from_args(argv: list[str] | None = None) -> Settings:
-        """Parse flags (defaults from FRESHREC_* env)."""
-        parser = argparse.ArgumentParser(prog="python -m ranking_service",
-                                         description="freshrec ranking service")
-        add_fields(parser, Settings)
-        args = vars(parser.parse_args(argv))
-        return Settings(**{**args, "data_dir": Path(args["data_dir"])})

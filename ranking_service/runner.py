@@ -17,6 +17,7 @@ import threading
 from index.snapshot import SnapshotError
 from ranking_service.config import Settings
 from ranking_service.server import create_server, open_deps
+from rpc.server import wait_for_signal
 
 log = logging.getLogger("freshrec.ranking")
 
@@ -34,10 +35,7 @@ def serve(settings: Settings, worker: int = 0) -> int:
         deps.metrics.serve(settings.metrics_port + worker, settings.host)
     log.info("ranking service on %s:%d (worker %d, %s; model %s)", settings.host, port,
              worker, server.mode, deps.ranker.live.catalog.model_version)
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    stop.wait()
+    wait_for_signal()
     server.stop(settings.grace_s)
     log.info("worker %d stopped cleanly", worker)
     return 0

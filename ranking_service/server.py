@@ -147,7 +147,7 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
             catalog = self.ranker.reload(version)
         except SnapshotError as exc:
             self.metrics.reloads.labels("refused").inc()
-            log.error("reload refused: %s", exc)  # the full path stays in the server's log
+            log.warning("reload refused: %s", exc)  # the full path stays in the log
             raise SnapshotError(str(exc).replace(str(self.settings.data_dir), "<data-dir>")) \
                 from exc
         if version is not None:  # CURRENT is the truth every process follows

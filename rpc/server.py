@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 from collections.abc import Sequence
 from concurrent import futures
 from pathlib import Path
@@ -60,6 +62,14 @@ def add_health_and_reflection(server: grpc.Server, services: Sequence[str],
         reflection.enable_server_reflection(
             (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     return servicer
+
+
+def wait_for_signal() -> None:
+    """Block until SIGTERM or SIGINT (the process's cue to drain and exit)."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
 
 
 def set_serving(servicer: health.HealthServicer, services: Sequence[str]) -> None:

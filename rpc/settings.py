@@ -11,9 +11,10 @@ import os
 from collections.abc import Iterable
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 MiB = 1 << 20
+S = TypeVar("S", bound="ServerSettings")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,6 +37,15 @@ class ServerSettings:
     tokens_file: str = field(default="", metadata={
         "help": "file of '<role> <token>' lines (roles: viewer, ingest, admin); enables auth"})
     reflection: bool = field(default=True, metadata={"help": "serve gRPC reflection"})
+
+    @classmethod
+    def from_args(cls: type[S], argv: list[str] | None = None) -> S:
+        """Parse flags (defaults from FRESHREC_* env) into this settings class."""
+        parser = argparse.ArgumentParser(prog=f"python -m {cls.__module__.split('.')[0]}",
+                                         description=cls.__doc__)
+        add_fields(parser, cls)
+        args = vars(parser.parse_args(argv))
+        return cls(**{**args, "data_dir": Path(args["data_dir"])})
 
     def check_security(self) -> None:
         """Refuse half-configured TLS."""

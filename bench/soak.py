@@ -1,0 +1,202 @@
+"""Soak: steady ingest + ranking load + periodic catalog reloads; is memory flat?
+
+`python -m bench.soak --data-dir D --minutes 10` runs both services on a working copy of D
+for a bounded time, and samples each server process's RSS and open files after a warm-up
+and at the end. It passes when anonymous memory and open files stay within 10%, with no
+failed call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from bench.ingest import EventFactory
+from bench.run import user_sample, working_copy
+from bench.services import start_event_service, start_ranking
+from index import snapshots_dir
+from index.catalog import CatalogSnapshot
+from index.datasets import ItemTable
+from index.model import AlsParams
+from index.snapshot import IndexSpec, write_snapshot
+from recsys.v1 import (
+    catalog_pb2,
+    catalog_pb2_grpc,
+    events_pb2,
+    events_pb2_grpc,
+    ranking_pb2,
+    ranking_pb2_grpc,
+)
+
+
+def process_tree(pid: int) -> list[int]:
+    """The pid and its children (the ranking service's workers)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                children.append(int(entry))
+    return [pid, *children]
+
+
+def sample(pids: list[int]) -> dict[int, dict[str, int]]:
+    """Anonymous RSS (heap: what a leak grows), file-backed RSS and open files per process.
+
+    File-backed RSS is mostly LMDB's and the index's mapped pages: it grows with the store
+    under ingest by design, so it is reported but not judged.
+    """
+    out = {}
+    for pid in pids:
+        fields = dict(line.split(":", 1) for line in
+                      Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+        out[pid] = {"rss_anon_kib": int(fields["RssAnon"].split()[0]),
+                    "rss_file_kib": int(fields["RssFile"].split()[0]),
+                    "open_files": len(os.listdir(f"/proc/{pid}/fd"))}
+    return out
+
+
+def _alternate_snapshot(data_dir: Path) -> tuple[str, str]:
+    """Write a second snapshot (same model, new name) to reload back and forth."""
+    catalog = CatalogSnapshot.load(snapshots_dir(data_dir))
+    items = ItemTable(catalog.item_ids, catalog.titles,
+                      [tuple(catalog.genres_of(r)) for r in range(len(catalog))], catalog.years)
+    als = catalog.manifest.als
+    write_snapshot(snapshots_dir(data_dir), "soak-alternate", np.asarray(catalog.item_factors),
+                   items, catalog.popularity,
+                   IndexSpec(catalog.manifest.index_type, catalog.manifest.search),
+                   AlsParams(int(als["factors"]), float(als["regularization"]),
+                             float(als["alpha"]), int(als["iterations"])), make_current=False)
+    return catalog.model_version, "soak-alternate"
+
+
+class Load:
+    """The background load: ingest, ranking clients and reloads, counting calls and errors."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.calls: dict[str, int] = {}
+        self.errors: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def count(self, name: str, error: grpc.RpcError | None = None) -> None:
+        with self.lock:
+            self.calls[name] = self.calls.get(name, 0) + 1
+            if error is not None:
+                key = f"{name}:{error.code().name}"
+                self.errors[key] = self.errors.get(key, 0) + 1
+
+    def ingest(self, target: str, factory: EventFactory, rate: float) -> None:
+        stub = events_pb2_grpc.EventServiceStub(grpc.insecure_channel(target))
+
+        def requests():  # type: ignore[no-untyped-def]
+            start, sequence = time.perf_counter(), 0
+            while not self.stop.is_set():
+                time.sleep(max(0.0, start + sequence * 50 / rate - time.perf_counter()))
+                yield events_pb2.IngestStreamRequest(sequence=sequence, events=factory.make(50))
+                sequence += 1
+        try:
+            for _ in stub.IngestStream(requests()):
+                self.count("IngestStream batch")
+        except grpc.RpcError as error:
+            self.count("IngestStream batch", error)
+
+    def rank(self, target: str, users: list[str], seed: int) -> None:
+        stub = ranking_pb2_grpc.RankingServiceStub(grpc.insecure_channel(target))
+        rng = np.random.default_rng(seed)
+        while not self.stop.is_set():
+            user = users[rng.integers(len(users))]
+            try:
+                if rng.random() < 0.8:
+                    stub.Recommend(ranking_pb2.RecommendRequest(user_id=user, k=10), timeout=5)
+                else:
+                    stub.HomePage(ranking_pb2.HomePageRequest(user_id=user, k_per_row=10),
+                                  timeout=5)
+                self.count("ranking")
+            except grpc.RpcError as error:
+                self.count("ranking", error)
+
+    def reload(self, target: str, versions: tuple[str, str], every_s: float) -> None:
+        admin = catalog_pb2_grpc.CatalogServiceStub(grpc.insecure_channel(target))
+        n = 0
+        while not self.stop.wait(every_s):
+            n += 1
+            try:
+                admin.ReloadCatalog(catalog_pb2.ReloadCatalogRequest(
+                    model_version=versions[n % 2]), timeout=120)
+                self.count("ReloadCatalog")
+            except grpc.RpcError as error:
+                self.count("ReloadCatalog", error)
+
+
+def run(data_dir: Path, minutes: float, rate: float, clients: int, reload_s: float,
+        port: int) -> dict[str, Any]:
+    """Soak for `minutes`; RSS and open files after warm-up and at the end."""
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = working_copy(data_dir, Path(tmp) / "data")
+        versions = _alternate_snapshot(copy)
+        catalog = CatalogSnapshot.load(snapshots_dir(copy), with_index=False)
+        users, _ = user_sample(copy, catalog, 2000)
+        ranking = start_ranking(copy, 2, port)
+        events, events_port, _ = start_event_service(copy)
+        load = Load()
+        factory = EventFactory(catalog.item_ids, users, seed=3, prefix=f"soak-{time.time_ns()}")
+        workers = [threading.Thread(target=load.ingest, daemon=True,
+                                    args=(f"127.0.0.1:{events_port}", factory, rate)),
+                   threading.Thread(target=load.reload, daemon=True,
+                                    args=(f"127.0.0.1:{port}", versions, reload_s)),
+                   *(threading.Thread(target=load.rank, daemon=True,
+                                      args=(f"127.0.0.1:{port}", users, n))
+                     for n in range(clients))]
+        for worker in workers:
+            worker.start()
+        try:
+            pids = [events.pid, *process_tree(ranking.pid)]
+            time.sleep(min(60.0, minutes * 60 / 5))  # warm-up: caches, first reloads
+            start = sample(pids)
+            time.sleep(max(0.0, minutes * 60 - min(60.0, minutes * 60 / 5)))
+            end = sample(pids)
+        finally:
+            load.stop.set()
+            for proc in (ranking, events):
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(60)
+    growth = {pid: {k: round(end[pid][k] / max(start[pid][k], 1), 3) for k in start[pid]}
+              for pid in start}
+    flat = all(g[k] <= 1.10 for g in growth.values() for k in ("rss_anon_kib", "open_files"))
+    return {"minutes": minutes, "calls": load.calls, "errors": load.errors,
+            "start": start, "end": end, "end_over_start": growth,
+            "passed": flat and not load.errors}
+
+
+def main() -> None:
+    """CLI: print the figures as JSON; exit 1 if memory or files grew past 10%."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data-dir", type=Path, default=Path("bench/data/movielens-100k"))
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--ingest-rate", type=float, default=1_000.0, help="events/s")
+    parser.add_argument("--clients", type=int, default=4, help="ranking client threads")
+    parser.add_argument("--reload-every", type=float, default=20.0, help="seconds")
+    parser.add_argument("--port", type=int, default=50162)
+    args = parser.parse_args()
+    report = run(args.data_dir, args.minutes, args.ingest_rate, args.clients,
+                 args.reload_every, args.port)
+    print(json.dumps(report, indent=2))
+    raise SystemExit(0 if report["passed"] else 1)
+
+
+if __name__ == "__main__":
+    main()
