@@ -39,7 +39,7 @@ bench: $(STUBS)
 	$(BIN)/python -m bench.run $(if $(QUICK),--quick)
 
 eval: $(STUBS)
-	@echo "make eval: the offline A/B replay needs both services; not built yet" >&2; exit 2
+	$(BIN)/python -m bench.eval
 
 clean:
 	rm -rf $(VENV) recsys/v1/*_pb2*.py recsys/v1/*_pb2*.pyi .pytest_cache .mypy_cache \

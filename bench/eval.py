@@ -224,40 +224,45 @@ def stop_services(procs: list[subprocess.Popen[Any]]) -> None:
             proc.wait()
 
 
-def replay(replay_: Replay, events: list[events_pb2.PlaybackEvent]) -> None:
+def replay(run: Replay, events: list[events_pb2.PlaybackEvent]) -> None:
     """Run every event through the variants, with a progress line on stderr."""
     started = time.perf_counter()
     for n, event in enumerate(events, 1):
-        replay_.step(event)
+        run.step(event)
         if n % PROGRESS_EVERY == 0 or n == len(events):
             print(f"  {n:,}/{len(events):,} events, {time.perf_counter() - started:.0f} s: "
-                  f"HR@10 {replay_.hit_rates()}", file=sys.stderr, flush=True)
+                  f"HR@10 {run.hit_rates()}", file=sys.stderr, flush=True)
+
+
+def serve_and_replay(tmp: Path, port_base: int, train: Interactions,
+                     events: list[events_pb2.PlaybackEvent]) -> tuple[Replay, dict[str, Any]]:
+    """Start the services, replay, stop them (always); the replay and the ingest counts."""
+    procs: list[subprocess.Popen[Any]] = []
+    try:
+        rankers, streams = start_services(tmp, port_base, procs)
+        run = Replay(rankers, streams, Popularity(train), set(train.user_ids.tolist()))
+        replay(run, events)
+        for stream in streams.values():
+            stream.close()
+        return run, {name: stream.counts for name, stream in streams.items()}
+    finally:
+        stop_services(procs)
 
 
 def evaluate(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    """Split, build, start the services, replay; the results as a JSON-ready dict."""
+    """Split, build, serve and replay; the results as a JSON-ready dict."""
     log = load_movielens_100k(args.cache_dir).interactions
     cutoff = args.cutoff if args.cutoff is not None else \
         int(np.quantile(log.timestamps, args.quantile))
     train, test = log.until(cutoff), log.after(cutoff).sorted_by_time()
     events = list(islice(to_events(test, cutoff), args.limit))
     build_base(args, cutoff, tmp / "base")
-    procs: list[subprocess.Popen[Any]] = []
-    try:
-        rankers, streams = start_services(tmp, args.port_base, procs)
-        known = set(train.user_ids.tolist())
-        run = Replay(rankers, streams, Popularity(train), known)
-        replay(run, events)
-        ingest = {name: stream.counts for name, stream in streams.items()}
-        for stream in streams.values():
-            stream.close()
-    finally:
-        stop_services(procs)
+    run, ingest = serve_and_replay(tmp, args.port_base, train, events)
     users = {e.user_id for e in events}
     return {"cutoff": cutoff, "cutoff_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                            time.gmtime(cutoff)),
             "train_events": len(train), "test_events": len(test), "scored_events": len(events),
-            "test_users": len(users), "new_users": len(users - known),
+            "test_users": len(users), "new_users": len(users - run.known),
             "als": {k: getattr(args, k) for k in ("factors", "regularization", "alpha",
                                                   "iterations")},
             "ingest": ingest,
