@@ -25,6 +25,8 @@ class Settings(ServerSettings):
     stream_max_inflight: int = 256
     fold_in: str = field(default="cg", metadata={"help": "cg (warm-started) or exact"})
     cg_iterations: int = 8
+    cg_min_users: int = field(default=4, metadata={
+        "help": "groups with fewer warm users are solved exactly (cheaper there)"})
     max_history: int = 500
     dedupe_retention_s: float = 7 * 86_400.0
     item_half_life_s: float = 86_400.0
@@ -57,4 +59,5 @@ class Settings(ServerSettings):
     @property
     def policy(self) -> FoldInPolicy:
         """Fold-in method and history bound."""
-        return FoldInPolicy(self.fold_in, self.cg_iterations, self.max_history)
+        return FoldInPolicy(self.fold_in, self.cg_iterations, self.cg_min_users,
+                            self.max_history)
