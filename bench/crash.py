@@ -137,33 +137,40 @@ def verify(data_dir: Path, ledger: Ledger) -> dict[str, int]:
 
 
 def build_kills(data_dir: Path, cycles: int, seed: int = 0,
-                max_delay_s: float = 3.0) -> dict[str, object]:
-    """SIGKILL snapshot builds into `data_dir`; check what is left always loads."""
+                max_delay_s: float = 1.5) -> dict[str, object]:
+    """SIGKILL snapshot builds into `data_dir` while they write; what is left must load.
+
+    Each kill lands a random 0..max_delay_s after the build's temporary snapshot directory
+    appears, i.e. while files are being written, fsynced and renamed.
+    """
     rng = random.Random(seed)
-    before = current_version(snapshots_dir(data_dir))
-    completed = refused = 0
+    root = snapshots_dir(data_dir)
+    before = current_version(root)
+    completed = incomplete = 0
     for cycle in range(cycles):
         proc = subprocess.Popen(
             [sys.executable, "-m", "index", "build", "--dataset", "synthetic", "--n-items",
-             "20000", "--n-users", "3000", "--factors", "32", "--seed", str(cycle),
-             "--version", f"killed-{seed}-{cycle}", "--data-dir", str(data_dir)],
+             "50000", "--n-users", "5000", "--factors", "32", "--index", "hnsw", "--seed",
+             str(cycle), "--version", f"killed-{seed}-{cycle}", "--data-dir", str(data_dir)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             env={**os.environ, "PYTHONPATH": os.getcwd()})
-        time.sleep(rng.uniform(0.2, max_delay_s))
+        while proc.poll() is None and not any(p.name.startswith(".tmp-")
+                                               for p in root.iterdir()):
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0.0, max_delay_s))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        for version_dir in snapshots_dir(data_dir).iterdir():
+        for version_dir in root.iterdir():
             if version_dir.is_dir() and not version_dir.name.startswith("."):
                 try:
-                    CatalogSnapshot.load(snapshots_dir(data_dir), version_dir.name,
-                                         with_index=False)
+                    CatalogSnapshot.load(root, version_dir.name, with_index=False)
                 except SnapshotError:
-                    refused += 1
-        completed += (snapshots_dir(data_dir) / f"killed-{seed}-{cycle}").is_dir()
-    live = CatalogSnapshot.load(snapshots_dir(data_dir)).model_version
+                    incomplete += 1
+        completed += (root / f"killed-{seed}-{cycle}").is_dir()
     return {"cycles": cycles, "builds_completed_before_kill": completed,
-            "incomplete_snapshot_dirs": refused, "current_before": before,
-            "current_after": live}
+            "builds_killed_mid_write": cycles - completed,
+            "incomplete_snapshot_dirs": incomplete, "current_before": before,
+            "current_after": CatalogSnapshot.load(root).model_version}
 
 
 def main() -> None:

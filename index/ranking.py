@@ -76,11 +76,11 @@ class LiveCatalog:
     popular_order: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     @staticmethod
-    def of(catalog: CatalogSnapshot) -> LiveCatalog:
+    def of(catalog: CatalogSnapshot, recent: np.ndarray, blend: float) -> LiveCatalog:
         """Derive the serving state of a snapshot (and warm its fold-in solver)."""
         _ = catalog.fold_in.gram  # pay for YtY at load, not on the first request
         live = LiveCatalog(catalog, CatalogFilters(catalog))
-        live.set_trending(np.zeros(len(catalog)), 0.5)
+        live.set_trending(recent, blend)
         return live
 
     def set_trending(self, recent: np.ndarray, blend: float) -> None:
@@ -100,10 +100,9 @@ class Ranker:
     def __init__(self, snapshots: Path, store: UserStore, config: RankingConfig,
                  catalog: CatalogSnapshot) -> None:
         self.snapshots, self.store, self.config = snapshots, store, config
-        self.live = LiveCatalog.of(catalog)
+        self.live = self._serving(catalog)
         self._reload_lock = threading.Lock()
         self._refused = ""  # a CURRENT that failed to load is not retried every poll
-        self.refresh_trending()
 
     # -- catalog -------------------------------------------------------------------------
 
@@ -111,10 +110,11 @@ class Ranker:
         """Load `version` (default: CURRENT), validate it and swap it in; SnapshotError if bad."""
         with self._reload_lock:
             catalog = CatalogSnapshot.load(self.snapshots, version, mmap=True)
-            live = LiveCatalog.of(catalog)
-            live.set_trending(self._recent_counts(catalog), self.config.popularity_blend)
-            self.live = live  # one reference assignment: atomic for readers
+            self.live = self._serving(catalog)  # one reference assignment: atomic for readers
             return catalog
+
+    def _serving(self, catalog: CatalogSnapshot) -> LiveCatalog:
+        return LiveCatalog.of(catalog, self._recent_counts(catalog), self.config.popularity_blend)
 
     def follow_current(self) -> bool:
         """Reload if snapshots/CURRENT names another version; True if it switched.

@@ -114,8 +114,8 @@ def _truncate(file: Path, size: int) -> None:
 
 def _servable(catalog: CatalogSnapshot) -> None:
     """Use a loaded snapshot as the services do; any exception here is a finding."""
-    live = LiveCatalog.of(catalog)  # filters, popularity order, fold-in Gram matrix
-    live.set_trending(np.ones(len(catalog)), 0.5)
+    # filters, popularity order, fold-in Gram matrix
+    live = LiveCatalog.of(catalog, np.ones(len(catalog)), 0.5)
     assert len(catalog.item_ids) == len(catalog.titles) == len(catalog) == len(live.popular_order)
     history = catalog.history(catalog.item_ids[:5], np.ones(5, np.float32))
     vector = catalog.fold_in.exact([history])[0]
