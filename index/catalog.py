@@ -173,6 +173,9 @@ def _load_factors(file: Path, manifest: Manifest, mmap: bool) -> np.ndarray:
     if factors.dtype != np.float32 or factors.shape != (manifest.item_count, manifest.dim):
         raise SnapshotError(f"{file}: {factors.dtype} {factors.shape}, manifest says float32 "
                             f"{(manifest.item_count, manifest.dim)}")
+    # Garbage that passes the checksums (a bad build) must not reach the solvers.
+    if not np.isfinite(factors).all() or float(np.abs(factors).max(initial=0.0)) > 1e6:
+        raise SnapshotError(f"{file}: factors are not finite or absurdly large")
     return factors if mmap else np.array(factors)
 
 
