@@ -3,7 +3,7 @@
 Run as ``python -m bench.foldin [--dim 64] [--histories 50,500] [--users 256] [--json PATH]``.
 
 Item factors are real ALS factors, not iid Gaussian: `index.model.train_als` is fitted (not
-timed) on ``index.datasets.synthetic(--items, seed=--seed)``, a log with planted taste
+timed) on ``index.synthetic.synthetic(--items, seed=--seed)``, a log with planted taste
 clusters and Zipf-skewed plays, with ``AlsParams(factors=--dim)``. The fold-in uses that
 model's regularization and alpha, so its Gram matrix looks like the one served.
 
@@ -39,8 +39,8 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from index.datasets import synthetic
 from index.model import AlsParams, FoldIn, History, confidence_matrix, train_als
+from index.synthetic import synthetic
 
 SINGLE_CALLS = 32  # single-user calls timed per repeat
 DIFFERS = 0.15  # relative change of a median that counts as meaningful

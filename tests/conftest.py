@@ -9,8 +9,9 @@ import pytest
 from index import snapshots_dir
 from index.build import BuildReport, build
 from index.catalog import CatalogSnapshot
-from index.datasets import Dataset, synthetic
+from index.datasets import Dataset
 from index.model import AlsParams
+from index.synthetic import synthetic
 
 SMALL_ALS = AlsParams(factors=32, regularization=0.1, alpha=10.0, iterations=10, seed=0)
 

@@ -19,8 +19,8 @@ from index.datasets import (
     load_interactions_csv,
     load_items_csv,
     load_movielens_100k,
-    synthetic,
 )
+from index.synthetic import synthetic
 
 INTER_HEADER = "user_id,item_id,weight,timestamp\n"
 ITEMS_HEADER = "item_id,title,genres,year\n"
