@@ -96,9 +96,11 @@ class UserRecord:
         beats building a dict of the whole history. A long batch (bootstrap) uses the dict.
         """
         ids = list(self.item_ids)
-        weights = self.weights.astype(np.float64).tolist()
-        last_at = self.last_at.tolist()
-        position = dict(zip(ids, range(len(ids)), strict=True)) if len(plays) > 16 else None
+        known = len(ids)
+        weights, last_at = self.weights.astype(np.float64), self.last_at.copy()
+        added_weights: list[float] = []
+        added_last: list[float] = []
+        position = dict(zip(ids, range(known), strict=True)) if len(plays) > 16 else None
         for item_id, weight, at in plays:
             k = position.get(item_id, -1) if position is not None else \
                 (ids.index(item_id) if item_id in ids else -1)
@@ -106,19 +108,23 @@ class UserRecord:
                 if position is not None:
                     position[item_id] = len(ids)
                 ids.append(item_id)
-                weights.append(weight)
-                last_at.append(at)
-            else:
+                added_weights.append(weight)
+                added_last.append(at)
+            elif k < known:
                 weights[k] += weight
                 last_at[k] = max(last_at[k], at)
-        record = replace(self, version=self.version + len(plays), item_ids=tuple(ids),
-                         weights=np.asarray(weights, np.float32),
-                         last_at=np.asarray(last_at, np.float64))
-        if len(ids) <= max_history:
-            return record
-        kept = np.sort(np.argsort(-record.last_at, kind="stable")[:max_history])
-        return replace(record, item_ids=tuple(ids[k] for k in kept),
-                       weights=record.weights[kept], last_at=record.last_at[kept])
+            else:
+                added_weights[k - known] += weight
+                added_last[k - known] = max(added_last[k - known], at)
+        if added_weights:
+            weights = np.concatenate([weights, added_weights])
+            last_at = np.concatenate([last_at, added_last])
+        if len(ids) > max_history:
+            kept = np.sort(np.argsort(-last_at, kind="stable")[:max_history])
+            ids = list(map(ids.__getitem__, kept.tolist()))
+            weights, last_at = weights[kept], last_at[kept]
+        return replace(self, version=self.version + len(plays), item_ids=tuple(ids),
+                       weights=weights.astype(np.float32), last_at=last_at)
 
     def recent_item_ids(self, n: int | None = None) -> list[str]:
         """History item ids, most recent first."""
