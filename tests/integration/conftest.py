@@ -21,9 +21,24 @@ from event_service.server import Deps, create_server, open_deps
 from ranking_service.config import Settings as RankingSettings
 from ranking_service.server import create_server as create_ranking_server
 from ranking_service.server import open_deps as open_ranking_deps
-from recsys.v1 import catalog_pb2_grpc, events_pb2, events_pb2_grpc, ranking_pb2_grpc
+from recsys.v1 import (
+    catalog_pb2_grpc,
+    events_pb2,
+    events_pb2_grpc,
+    ranking_pb2,
+    ranking_pb2_grpc,
+)
 
 COMPLETE = events_pb2.PLAY_COMPLETE
+
+
+def allows(item: ranking_pb2.ScoredItem, spec: ranking_pb2.Filter) -> bool:
+    """True if a returned item satisfies the filter (the test oracle for filters)."""
+    genres = set(item.genres)
+    return ((not spec.genres_any or bool(genres & set(spec.genres_any)))
+            and not genres & set(spec.genres_none)
+            and (not spec.min_year or item.year >= spec.min_year)
+            and (not spec.max_year or item.year <= spec.max_year))
 
 
 def playback(event_id: str, user: str, item: str, type: int = COMPLETE,

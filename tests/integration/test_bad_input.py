@@ -38,6 +38,7 @@ from recsys.v1 import catalog_pb2, events_pb2, ranking_pb2
 from tests.integration.conftest import (
     RunningEvents,
     RunningRanking,
+    allows,
     event_settings,
     playback,
     ranking_settings,
@@ -219,14 +220,6 @@ def _request_verdict(ranking: RunningRanking, id_: str, k: int,
     k_ok = Verdict.VALID if 1 <= k <= ranking.settings.max_k else Verdict.INVALID
     return _worst([_id_verdict(id_, ranking.settings.max_id_length, control_is_bad=False), k_ok,
                    _filter_verdict(spec)])
-
-
-def _allows(item: ranking_pb2.ScoredItem, spec: ranking_pb2.Filter) -> bool:
-    genres = set(item.genres)
-    return ((not spec.genres_any or bool(genres & set(spec.genres_any)))
-            and not genres & set(spec.genres_none)
-            and (not spec.min_year or item.year >= spec.min_year)
-            and (not spec.max_year or item.year <= spec.max_year))
 
 
 # -- strategies ------------------------------------------------------------------------------
@@ -612,7 +605,7 @@ def _check_items(items: Sequence[ranking_pb2.ScoredItem], k: int, spec: ranking_
     assert len(ids) <= k and len(set(ids)) == len(ids), f"{len(ids)} items for k={k}: {ids}"
     assert all(i in catalog.item_index for i in ids)
     bad = [(item.item_id, list(item.genres), item.year) for item in items
-           if not _allows(item, spec)]
+           if not allows(item, spec)]
     assert not bad, f"items outside the filter {spec}: {bad}"
 
 

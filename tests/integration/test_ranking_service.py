@@ -23,6 +23,7 @@ from recsys.v1 import catalog_pb2, events_pb2, events_pb2_grpc, ranking_pb2
 from tests.conftest import SMALL_ALS
 from tests.integration.conftest import (
     RunningRanking,
+    allows,
     playback,
     ranking_settings,
     start_process,
@@ -39,16 +40,8 @@ FILTERS = [
 ]
 
 
-def _allows(item: ranking_pb2.ScoredItem, spec: ranking_pb2.Filter) -> bool:
-    genres = set(item.genres)
-    return ((not spec.genres_any or bool(genres & set(spec.genres_any)))
-            and not genres & set(spec.genres_none)
-            and (not spec.min_year or item.year >= spec.min_year)
-            and (not spec.max_year or item.year <= spec.max_year))
-
-
 def _qualifying(catalog: CatalogSnapshot, spec: ranking_pb2.Filter, exclude: set[str]) -> int:
-    return sum(_allows(ranking_pb2.ScoredItem(genres=catalog.genres_of(r),
+    return sum(allows(ranking_pb2.ScoredItem(genres=catalog.genres_of(r),
                                               year=int(catalog.years[r])), spec)
                and catalog.item_ids[r] not in exclude for r in range(len(catalog)))
 
@@ -67,7 +60,7 @@ def test_filters_are_honoured_and_k_items_come_back_when_k_qualify(
     for user, exclude in (("u4", watched), ("no-such-user", set())):
         response = ranking.stub.Recommend(ranking_pb2.RecommendRequest(user_id=user, k=50,
                                                                        filter=spec))
-        assert all(_allows(i, spec) for i in response.items)
+        assert all(allows(i, spec) for i in response.items)
         assert not {i.item_id for i in response.items} & exclude
         assert len(response.items) == min(50, _qualifying(catalog, spec, exclude))
         assert len({i.item_id for i in response.items}) == len(response.items)
@@ -120,7 +113,7 @@ def test_similar_items(ranking: RunningRanking, catalog: CatalogSnapshot,
     response = ranking.stub.SimilarItems(ranking_pb2.SimilarItemsRequest(item_id="i10", k=10,
                                                                          filter=spec))
     assert len(response.items) == 10 and "i10" not in {i.item_id for i in response.items}
-    assert all(_allows(i, spec) for i in response.items)
+    assert all(allows(i, spec) for i in response.items)
     plain = ranking.stub.SimilarItems(ranking_pb2.SimilarItemsRequest(item_id="i10", k=10))
     assert small_dataset.item_clusters is not None
     clusters = small_dataset.item_clusters
@@ -311,11 +304,11 @@ def test_hnsw_catalog_still_honours_narrow_filters(fresh_data_dir: Path,
         for spec in FILTERS:
             response = running.stub.Recommend(ranking_pb2.RecommendRequest(user_id="stranger2",
                                                                            k=20, filter=spec))
-            assert all(_allows(i, spec) for i in response.items)
+            assert all(allows(i, spec) for i in response.items)
             assert len(response.items) == min(20, _qualifying(catalog, spec, set()))
             similar = running.stub.SimilarItems(ranking_pb2.SimilarItemsRequest(
                 item_id="i3", k=20, filter=spec))
-            assert all(_allows(i, spec) for i in similar.items)
+            assert all(allows(i, spec) for i in similar.items)
             assert len(similar.items) == min(20, _qualifying(catalog, spec, {"i3"}))
     finally:
         running.close()
