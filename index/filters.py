@@ -44,6 +44,11 @@ def unpack(bitmap: np.ndarray, n: int) -> np.ndarray:
     return np.unpackbits(bitmap, count=n, bitorder="little").view(bool)
 
 
+def allows_rows(bitmap: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Boolean mask: is each of `rows` allowed by the bitmap (without unpacking it)."""
+    return (bitmap[rows >> 3] >> (rows & 7).astype(np.uint8)) & 1 == 1
+
+
 def count(bitmap: np.ndarray) -> int:
     """Number of allowed items."""
     return int(np.bitwise_count(bitmap).sum())
