@@ -9,29 +9,19 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from bench.ingest import EventFactory
+from bench.ingest import EventFactory, paced
 from bench.load import percentiles
 from recsys.v1 import events_pb2, events_pb2_grpc, ranking_pb2, ranking_pb2_grpc
 
 
 def _background(stub: events_pb2_grpc.EventServiceStub, factory: EventFactory, rate: float,
                 batch: int, stop: threading.Event) -> None:
-    def requests() -> Iterator[events_pb2.IngestStreamRequest]:
-        start, sequence = time.perf_counter(), 0
-        while not stop.is_set():
-            delay = start + sequence * batch / rate - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-            yield events_pb2.IngestStreamRequest(sequence=sequence, events=factory.make(batch))
-            sequence += 1
-
-    for _ in stub.IngestStream(requests()):
+    for _ in stub.IngestStream(paced(factory, rate, batch, lambda _: not stop.is_set())):
         pass
 
 

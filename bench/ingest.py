@@ -10,7 +10,7 @@ Events go to bootstrapped users and catalog items at random, so every one folds 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -53,22 +53,27 @@ def throughput(stub: events_pb2_grpc.EventServiceStub, factory: EventFactory, ba
             "events_per_s": round(accepted / seconds)}
 
 
+def paced(factory: EventFactory, rate: float, batch: int, keep_going: Callable[[int], bool],
+          on_send: Callable[[int], None] | None = None
+          ) -> Iterator[events_pb2.IngestStreamRequest]:
+    """`batch`-event IngestStream requests at a fixed event rate while keep_going(sequence)."""
+    start, sequence = time.perf_counter(), 0
+    while keep_going(sequence):
+        time.sleep(max(0.0, start + sequence * batch / rate - time.perf_counter()))
+        if on_send is not None:
+            on_send(sequence)
+        yield events_pb2.IngestStreamRequest(sequence=sequence, events=factory.make(batch))
+        sequence += 1
+
+
 def ack_latency(stub: events_pb2_grpc.EventServiceStub, factory: EventFactory, rate: float,
                 batch: int, seconds: float) -> dict[str, float]:
     """Send `batch`-event messages at a fixed event rate; latency from send to durable ack."""
     sent: dict[int, float] = {}
     messages = int(rate * seconds / batch)
-
-    def requests() -> Iterator[events_pb2.IngestStreamRequest]:
-        start = time.perf_counter()
-        for sequence in range(messages):
-            delay = start + sequence * batch / rate - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-            sent[sequence] = time.perf_counter()
-            yield events_pb2.IngestStreamRequest(sequence=sequence, events=factory.make(batch))
-
-    latencies = [time.perf_counter() - sent[r.sequence] for r in stub.IngestStream(requests())]
+    requests = paced(factory, rate, batch, lambda sequence: sequence < messages,
+                     lambda sequence: sent.__setitem__(sequence, time.perf_counter()))
+    latencies = [time.perf_counter() - sent[r.sequence] for r in stub.IngestStream(requests)]
     ms = np.array(latencies) * 1000
     return {"events_per_s": rate, "batch": batch, "acks": len(ms),
             "p50_ms": round(float(np.percentile(ms, 50)), 2),

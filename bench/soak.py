@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from bench.ingest import EventFactory
+from bench.ingest import EventFactory, paced
 from bench.run import user_sample, working_copy
 from bench.services import start_event_service, start_ranking
 from index import snapshots_dir
@@ -32,7 +32,6 @@ from index.snapshot import IndexSpec, write_snapshot
 from recsys.v1 import (
     catalog_pb2,
     catalog_pb2_grpc,
-    events_pb2,
     events_pb2_grpc,
     ranking_pb2,
     ranking_pb2_grpc,
@@ -102,14 +101,8 @@ class Load:
     def ingest(self, target: str, factory: EventFactory, rate: float) -> None:
         stub = events_pb2_grpc.EventServiceStub(grpc.insecure_channel(target))
 
-        def requests():  # type: ignore[no-untyped-def]
-            start, sequence = time.perf_counter(), 0
-            while not self.stop.is_set():
-                time.sleep(max(0.0, start + sequence * 50 / rate - time.perf_counter()))
-                yield events_pb2.IngestStreamRequest(sequence=sequence, events=factory.make(50))
-                sequence += 1
         try:
-            for _ in stub.IngestStream(requests()):
+            for _ in stub.IngestStream(paced(factory, rate, 50, lambda _: not self.stop.is_set())):
                 self.count("IngestStream batch")
         except grpc.RpcError as error:
             self.count("IngestStream batch", error)

@@ -8,14 +8,14 @@ import sys
 from event_service.config import Settings
 from event_service.server import create_server, open_deps
 from index.snapshot import SnapshotError
-from rpc.server import wait_for_signal
+from rpc.server import configure_logging, wait_for_signal
 
 log = logging.getLogger("freshrec.events")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the event service in the foreground; exit 0 after a clean shutdown."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_logging()
     settings = Settings.from_args(argv)
     try:
         deps = open_deps(settings)

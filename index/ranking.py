@@ -182,6 +182,7 @@ class Ranker:
         record = self.store.get_user(user_id)
         vector = self._vector(catalog, record)
         shown = self._rows(catalog, record.item_ids) if record else []
+        base = live.filters.bitmap(spec)  # each row copies it before clearing shown items
         rows: list[Row] = []
 
         def add(row_id: str, title: str, allowed: np.ndarray | None, query: np.ndarray | None,
@@ -197,13 +198,13 @@ class Ranker:
         last = self._last_known(catalog, record)
         if last is not None:
             add("because_you_watched", f"Because you watched {catalog.titles[last]}",
-                live.filters.bitmap(spec), np.asarray(catalog.item_factors[last], np.float32))
-        add("top_picks", "Top picks for you", live.filters.bitmap(spec), vector)
+                base, np.asarray(catalog.item_factors[last], np.float32))
+        add("top_picks", "Top picks for you", base, vector)
         recent_from = max(spec.min_year, live.filters.last_year - self.config.new_release_years)
         if not spec.max_year or spec.max_year >= recent_from:  # else the filter excludes them
             new_spec = ItemFilter(spec.genres_any, spec.genres_none, recent_from, spec.max_year)
             add("new_releases", "New releases for you", live.filters.bitmap(new_spec), vector)
-        add("trending", "Trending now", live.filters.bitmap(spec), None, trending=True)
+        add("trending", "Trending now", base, None, trending=True)
         return rows, record.version if record else 0, catalog
 
     # -- internals -----------------------------------------------------------------------

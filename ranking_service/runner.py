@@ -17,14 +17,14 @@ import threading
 from index.snapshot import SnapshotError
 from ranking_service.config import Settings
 from ranking_service.server import create_server, open_deps
-from rpc.server import wait_for_signal
+from rpc.server import configure_logging, wait_for_signal
 
 log = logging.getLogger("freshrec.ranking")
 
 
 def serve(settings: Settings, worker: int = 0) -> int:
     """Run one server process in the foreground; exit 0 after a clean shutdown."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_logging()
     try:
         deps = open_deps(settings)
     except SnapshotError as exc:
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_args(argv)
     if settings.workers == 1:
         return serve(settings)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    configure_logging()
     context = multiprocessing.get_context("spawn")
     procs = [context.Process(target=_worker, args=(settings, i),
                              name=f"ranking-{i}") for i in range(settings.workers)]

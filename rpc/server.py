@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from collections.abc import Sequence
@@ -62,6 +63,11 @@ def add_health_and_reflection(server: grpc.Server, services: Sequence[str],
         reflection.enable_server_reflection(
             (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     return servicer
+
+
+def configure_logging() -> None:
+    """The services' log format: time, logger, message, on stderr."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
 
 def wait_for_signal() -> None:
