@@ -27,7 +27,6 @@ import json
 import math
 import queue
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -42,9 +41,10 @@ import grpc
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from bench.services import start_event_service, start_ranking
-from index.datasets import Interactions, load_movielens_100k
+from bench.services import start_process, stop
 from index.model import AlsParams
+from index.movielens import load_movielens_100k
+from index.tables import Interactions
 from recsys.v1 import events_pb2, events_pb2_grpc, ranking_pb2, ranking_pb2_grpc
 
 K, BATCH, DAY_S, PROGRESS_EVERY = 10, 500, 86_400, 2_000
@@ -201,27 +201,14 @@ def start_services(tmp: Path, port_base: int, procs: list[subprocess.Popen[Any]]
     for offset, name in enumerate(SERVED):
         data_dir = tmp / name
         shutil.copytree(tmp / "base", data_dir)
-        procs.append(start_ranking(data_dir, 1, port_base + offset))
+        procs.append(start_process("ranking_service", data_dir, port=port_base + offset)[0])
         channel = grpc.insecure_channel(f"127.0.0.1:{port_base + offset}")
         rankers[name] = ranking_pb2_grpc.RankingServiceStub(channel)
         if name != "static":
-            proc, port, _ = start_event_service(data_dir)
+            proc, port = start_process("event_service", data_dir)
             procs.append(proc)
             streams[name] = Stream(port)
     return rankers, streams
-
-
-def stop_services(procs: list[subprocess.Popen[Any]]) -> None:
-    """SIGTERM every service, then wait (kill one that does not stop within a minute)."""
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def replay(run: Replay, events: list[events_pb2.PlaybackEvent]) -> None:
@@ -246,7 +233,7 @@ def serve_and_replay(tmp: Path, port_base: int, train: Interactions,
             stream.close()
         return run, {name: stream.counts for name, stream in streams.items()}
     finally:
-        stop_services(procs)
+        stop(procs)
 
 
 def evaluate(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:

@@ -15,7 +15,6 @@ import functools
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import grpc
 import numpy as np
 
 from bench import freshness, ingest, load, report
-from bench.services import start_event_service, start_ranking
+from bench.services import start_process, stop
 from index import snapshots_dir, users_dir
 from index.catalog import CatalogSnapshot
 from index.store import UserStore
@@ -98,8 +97,9 @@ def measure(name: str, data_dir: Path, quick: bool, port: int) -> dict[str, Any]
     }
     with tempfile.TemporaryDirectory() as tmp:
         copy = working_copy(data_dir, Path(tmp) / "data")
-        ranking = stage("starting ranking (2 workers)", lambda: start_ranking(copy, 2, port))
-        events, events_port, _ = start_event_service(copy)
+        ranking, _ = stage("starting ranking (2 workers)", lambda: start_process(
+            "ranking_service", copy, port=port, workers=2))
+        events, events_port = start_process("event_service", copy)
         target, events_target = f"127.0.0.1:{port}", f"127.0.0.1:{events_port}"
         try:
             for rpc in ("Recommend", "HomePage"):
@@ -112,9 +112,7 @@ def measure(name: str, data_dir: Path, quick: bool, port: int) -> dict[str, Any]
             result["freshness"] = stage("freshness", lambda: freshness.probe(
                 events_target, target, catalog.item_ids, users, 30 if quick else 200, 1_000.0))
         finally:
-            for proc in (ranking, events):
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(60)
+            stop([ranking, events])
     return result
 
 

@@ -1,49 +1,56 @@
-"""Starting the real services as subprocesses for benchmarks and crash tests."""
+"""Starting and stopping the real services as subprocesses (benchmarks, crash tests, tests)."""
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
-import time
+from collections.abc import Iterable
 from pathlib import Path
 
-import grpc
-
-from recsys.v1 import ranking_pb2, ranking_pb2_grpc
+_LISTENING = re.compile(r" on [\d.]+:(\d+) \(")
 
 
-def start_event_service(data_dir: Path, *args: str) -> tuple[subprocess.Popen[str], int, float]:
-    """Start the event service on a free port; returns (process, port, seconds to listen)."""
-    started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "event_service", "--data-dir", str(data_dir),
-                             "--port", "0", *args], stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, text=True,
-                            env={**os.environ, "PYTHONPATH": os.getcwd()})
+def start_process(module: str, data_dir: Path, *args: str, port: int = 0,
+                  workers: int = 1) -> tuple[subprocess.Popen[str], int]:
+    """Start `python -m <module>` on `port` (0: a free one); return once it listens.
+
+    "Listens" is read off the log: each server process says "... on HOST:PORT (...", and
+    with `workers` processes behind one port all of them must have said it.
+    """
+    command = [sys.executable, "-m", module, "--data-dir", str(data_dir), "--port", str(port),
+               *(["--workers", str(workers)] if module == "ranking_service" else []), *args]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert proc.stderr is not None
+    seen, listening = [], 0
     for line in proc.stderr:
-        found = re.search(r" on [\d.]+:(\d+) ", line)
-        if found:
+        seen.append(line)
+        found = _LISTENING.search(line)
+        listening += found is not None
+        if found and listening == workers:
+            # Keep draining the log so the server never blocks on a full pipe.
             threading.Thread(target=proc.stderr.read, daemon=True).start()
-            return proc, int(found.group(1)), time.perf_counter() - started
-    raise RuntimeError(f"event service did not start (exit {proc.wait()})")
+            return proc, int(found.group(1))
+    proc.wait(10)
+    raise RuntimeError(f"{module} did not start: {''.join(seen)[-2000:]}")
 
 
-def start_ranking(data_dir: Path, workers: int, port: int) -> subprocess.Popen[bytes]:
-    """Start the ranking service on a fixed port and wait until it answers."""
-    proc = subprocess.Popen([sys.executable, "-m", "ranking_service", "--data-dir",
-                             str(data_dir), "--port", str(port), "--workers", str(workers)],
-                            stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONPATH": os.getcwd()})
-    stub = ranking_pb2_grpc.RankingServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-    deadline = time.monotonic() + 300
-    while True:
+def stop(procs: Iterable[subprocess.Popen[str]], sig: int = signal.SIGTERM,
+         timeout: float = 60) -> list[int]:
+    """Signal every live process (SIGTERM: drain and exit), wait, kill what hangs; exit codes."""
+    procs = list(procs)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(sig)
+    codes = []
+    for proc in procs:
         try:
-            stub.Recommend(ranking_pb2.RecommendRequest(user_id="x", k=1), timeout=1)
-            return proc
-        except grpc.RpcError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("the ranking service did not start") from None
-            time.sleep(0.2)
+            codes.append(proc.wait(timeout))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            codes.append(proc.wait())
+    return codes

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import tempfile
 import threading
 import time
@@ -23,10 +22,9 @@ import numpy as np
 
 from bench.ingest import EventFactory, paced
 from bench.run import user_sample, working_copy
-from bench.services import start_event_service, start_ranking
+from bench.services import start_process, stop
 from index import snapshots_dir
 from index.catalog import CatalogSnapshot
-from index.datasets import ItemTable
 from index.model import AlsParams
 from index.snapshot import IndexSpec, write_snapshot
 from recsys.v1 import (
@@ -71,14 +69,10 @@ def sample(pids: list[int]) -> dict[int, dict[str, int]]:
 def _alternate_snapshot(data_dir: Path) -> tuple[str, str]:
     """Write a second snapshot (same model, new name) to reload back and forth."""
     catalog = CatalogSnapshot.load(snapshots_dir(data_dir))
-    items = ItemTable(catalog.item_ids, catalog.titles,
-                      [tuple(catalog.genres_of(r)) for r in range(len(catalog))], catalog.years)
-    als = catalog.manifest.als
     write_snapshot(snapshots_dir(data_dir), "soak-alternate", np.asarray(catalog.item_factors),
-                   items, catalog.popularity,
+                   catalog.item_table(), catalog.popularity,
                    IndexSpec(catalog.manifest.index_type, catalog.manifest.search),
-                   AlsParams(int(als["factors"]), float(als["regularization"]),
-                             float(als["alpha"]), int(als["iterations"])), make_current=False)
+                   AlsParams.of(catalog.manifest.als), make_current=False)
     return catalog.model_version, "soak-alternate"
 
 
@@ -148,8 +142,8 @@ def run(data_dir: Path, minutes: float, rate: float, clients: int, reload_s: flo
         versions = _alternate_snapshot(copy)
         catalog = CatalogSnapshot.load(snapshots_dir(copy), with_index=False)
         users, _ = user_sample(copy, catalog, users_n)
-        ranking = start_ranking(copy, 2, port)
-        events, events_port, _ = start_event_service(copy)
+        ranking, _ = start_process("ranking_service", copy, port=port, workers=2)
+        events, events_port = start_process("event_service", copy)
         load = Load()
         factory = EventFactory(catalog.item_ids, users, seed=3, prefix=f"soak-{time.time_ns()}")
         workers = [threading.Thread(target=load.ingest, daemon=True,
@@ -169,9 +163,7 @@ def run(data_dir: Path, minutes: float, rate: float, clients: int, reload_s: flo
                 series.append(sample(pids))
         finally:
             load.stop.set()
-            for proc in (ranking, events):
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(60)
+            stop([ranking, events])
     start, end = series[len(series) // 5], series[-1]
     growth = {pid: {k: round(end[pid][k] / max(start[pid][k], 1), 3) for k in start[pid]}
               for pid in start}

@@ -1,10 +1,17 @@
-"""Settings of the event service, read once at start-up from flags and FRESHREC_* env."""
+"""Settings of the event service, read once at start-up from flags and FRESHREC_* env.
+
+Defaults come from the domain objects they configure (`Limits`, `EventWeights`,
+`FoldInPolicy`, `WriterConfig`, the store's sizes), so each is stated once.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from index.events import EventWeights, FoldInPolicy, Limits
+from event_service.writer import WriterConfig
+from index.apply import FOLD_IN_METHODS, FoldInPolicy
+from index.events import EventWeights, Limits
+from index.store import DEFAULT_MAP_SIZE, MAX_MAP_SIZE
 from rpc.settings import MiB, ServerSettings
 
 
@@ -17,47 +24,51 @@ class Settings(ServerSettings):
     max_workers: int = 64
     max_concurrent_rpcs: int = 48
     max_message_bytes: int = 16 * MiB
-    max_batch_events: int = 10_000
-    max_future_skew_s: float = 300.0
-    queue_max_events: int = 200_000
-    group_max_events: int = 20_000
-    group_window_ms: float = 1.0
+    max_batch_events: int = Limits.max_batch_events
+    max_future_skew_s: float = Limits.max_future_skew_s
+    queue_max_events: int = WriterConfig.queue_max_events
+    group_max_events: int = WriterConfig.group_max_events
+    group_window_ms: float = WriterConfig.group_window_s * 1000
     stream_max_inflight: int = 256
-    fold_in: str = field(default="cg", metadata={"help": "cg (warm-started) or exact"})
-    cg_iterations: int = 8
-    cg_min_users: int = field(default=4, metadata={
+    fold_in: str = field(default=FoldInPolicy.method, metadata={
+        "help": f"one of {', '.join(FOLD_IN_METHODS)} (cg is warm-started)"})
+    cg_iterations: int = FoldInPolicy.cg_iterations
+    cg_min_users: int = field(default=FoldInPolicy.cg_min_users, metadata={
         "help": "groups with fewer warm users are solved exactly (cheaper there)"})
-    max_history: int = 500
-    dedupe_retention_s: float = 7 * 86_400.0
-    item_half_life_s: float = 86_400.0
-    snapshot_poll_s: float = 2.0
-    store_map_bytes: int = field(default=4 << 30, metadata={
+    max_history: int = FoldInPolicy.max_history
+    dedupe_retention_s: float = WriterConfig.dedupe_retention_s
+    item_half_life_s: float = field(default=WriterConfig.item_half_life_s, metadata={
+        "help": "half-life of the item play counts; kept in the store, where the ranking "
+                "service reads it"})
+    snapshot_poll_s: float = WriterConfig.snapshot_poll_s
+    store_map_bytes: int = field(default=DEFAULT_MAP_SIZE, metadata={
         "help": "initial LMDB map size (virtual; the file grows as used)"})
-    store_max_bytes: int = field(default=1 << 40, metadata={
+    store_max_bytes: int = field(default=MAX_MAP_SIZE, metadata={
         "help": "the map doubles up to this; past it writes get RESOURCE_EXHAUSTED"})
-    weight_start: float = 0.1
-    weight_progress: float = 0.5
-    weight_complete: float = 1.0
+    weight_start: float = EventWeights.start
+    weight_progress: float = EventWeights.progress
+    weight_complete: float = EventWeights.complete
 
     def __post_init__(self) -> None:
         self.check_security()
-        if self.fold_in not in ("cg", "exact"):
-            raise ValueError(f"fold_in must be 'cg' or 'exact', got {self.fold_in!r}")
+        _ = self.writer  # the domain objects check their own values
         if self.max_batch_events > self.queue_max_events:
             raise ValueError("max_batch_events must not exceed queue_max_events")
 
     @property
     def limits(self) -> Limits:
-        """Per-event bounds."""
-        return Limits(self.max_id_length, self.max_future_skew_s)
+        """Per-event and per-batch bounds."""
+        return Limits(max_id_length=self.max_id_length, max_future_skew_s=self.max_future_skew_s,
+                      max_batch_events=self.max_batch_events)
 
     @property
-    def weights(self) -> EventWeights:
-        """Event weighting."""
-        return EventWeights(self.weight_start, self.weight_progress, self.weight_complete)
-
-    @property
-    def policy(self) -> FoldInPolicy:
-        """Fold-in method and history bound."""
-        return FoldInPolicy(self.fold_in, self.cg_iterations, self.cg_min_users,
-                            self.max_history)
+    def writer(self) -> WriterConfig:
+        """How the writer groups, weighs, folds in and maintains the store."""
+        return WriterConfig(
+            weights=EventWeights(start=self.weight_start, progress=self.weight_progress,
+                                 complete=self.weight_complete),
+            policy=FoldInPolicy(method=self.fold_in, cg_iterations=self.cg_iterations,
+                                cg_min_users=self.cg_min_users, max_history=self.max_history),
+            queue_max_events=self.queue_max_events, group_max_events=self.group_max_events,
+            group_window_s=self.group_window_ms / 1000, item_half_life_s=self.item_half_life_s,
+            dedupe_retention_s=self.dedupe_retention_s, snapshot_poll_s=self.snapshot_poll_s)

@@ -1,89 +1,93 @@
 """The single writer: groups submitted batches into one LMDB write txn each, then acks them.
 
-Handlers validate and submit; only this thread writes (LMDB allows one write txn at a
-time, and one txn per group is what makes durable commits cheap: see PITFALLS). A
-submission is completed only after the txn that applied it has committed.
+Handlers check and submit; only this thread writes. LMDB allows one write txn at a time,
+and a durable commit costs two fsyncs (~0.2-0.3 ms) whatever it holds, so one txn per
+group of submissions is what makes durable ingest fast. A submission is completed only
+after the txn that applied it has committed.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from event_service.metrics import EventMetrics
+from index.apply import FoldInPolicy, Outcome, apply_group, keep_rejected
 from index.catalog import CatalogSnapshot
-from index.events import Event, EventWeights, FoldInPolicy, GroupResult, Rejection, apply_group
-from index.snapshot import SnapshotError, current_version
-from index.store import StoreWriter, UserStore
+from index.errors import Exhausted, Unavailable
+from index.events import Batch, EventWeights
+from index.follower import SnapshotFollower
+from index.snapshot import SnapshotError
+from index.store import DEFAULT_ITEM_HALF_LIFE_S, StoreWriter, UserStore
 
 log = logging.getLogger("freshrec.events")
 
 
-class QueueFull(Exception):
+class QueueFull(Exhausted):
     """The writer's queue is full (overload): retry later."""
 
 
-class WriterStopped(Exception):
+class WriterStopped(Unavailable):
     """The writer is shutting down and takes no new work."""
 
 
 @dataclass
 class Submission:
-    """A validated batch waiting for its commit; `wait` returns once it is durable."""
+    """A checked batch waiting for its commit; `wait` returns once it is durable."""
 
-    events: list[Event]
-    rejected: list[tuple[Rejection, Event]]
+    batch: Batch
     received_at: float = field(default_factory=time.time)
-    result: GroupResult | None = None
+    outcomes: list[Outcome] | None = None
     error: Exception | None = None
     _done: threading.Event = field(default_factory=threading.Event)
 
     @property
     def size(self) -> int:
         """Queue cost: events carried (at least 1, so empty batches still count)."""
-        return max(1, len(self.events) + len(self.rejected))
+        return max(1, len(self.batch.valid) + len(self.batch.rejected))
 
-    def finish(self, result: GroupResult | None, error: Exception | None = None) -> None:
+    def finish(self, outcomes: list[Outcome] | None, error: Exception | None = None) -> None:
         """Complete the submission (called by the writer after commit, or on failure)."""
-        self.result, self.error = result, error
+        self.outcomes, self.error = outcomes, error
         self._done.set()
 
-    def wait(self, timeout: float | None = None) -> GroupResult:
-        """Block until committed; raises the writer's error, or TimeoutError."""
+    def wait(self, timeout: float | None = None) -> list[Outcome]:
+        """Block until committed; one outcome per valid event. Raises the writer's error,
+        or TimeoutError."""
         if not self._done.wait(timeout):
             raise TimeoutError("the write was not committed before the deadline")
         if self.error is not None:
             raise self.error
-        assert self.result is not None
-        return self.result
+        assert self.outcomes is not None
+        return self.outcomes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class WriterConfig:
     """How the writer groups, folds in and maintains the store."""
 
-    weights: EventWeights
-    policy: FoldInPolicy
-    queue_max_events: int
-    group_max_events: int
-    group_window_s: float
-    item_half_life_s: float
-    dedupe_retention_s: float
-    snapshot_poll_s: float
+    weights: EventWeights = EventWeights()
+    policy: FoldInPolicy = FoldInPolicy()
+    queue_max_events: int = 200_000
+    group_max_events: int = 20_000
+    group_window_s: float = 0.001
+    item_half_life_s: float = DEFAULT_ITEM_HALF_LIFE_S
+    dedupe_retention_s: float = 7 * 86_400.0
+    snapshot_poll_s: float = 2.0
 
 
 class Writer:
-    """Owns the store's write side and the live catalog (item factors) it folds in against."""
+    """Owns the store's write side and follows the live snapshot it folds in against."""
 
-    def __init__(self, store: UserStore, snapshots: Path, catalog: CatalogSnapshot,
+    def __init__(self, store: UserStore, catalogs: SnapshotFollower[CatalogSnapshot],
                  config: WriterConfig, metrics: EventMetrics) -> None:
-        self.store, self.snapshots, self.catalog = store, snapshots, catalog
+        self.store, self.catalogs = store, catalogs
         self.config, self.metrics = config, metrics
         self._queue: deque[Submission] = deque()
         self._queued = 0
@@ -93,14 +97,15 @@ class Writer:
         self._has_work = threading.Condition(self._lock)
         self._has_space = threading.Condition(self._lock)
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="freshrec-writer", daemon=True)
+        self._thread: threading.Thread | None = None
         self._next_housekeeping = 0.0
-        self._refused_version = ""
-        self._rejected_seq = 0
+        self._rejected_seq = itertools.count()
 
     def start(self) -> None:
-        """Start the writer thread."""
-        self.metrics.model_version.labels(self.catalog.model_version).set(1)
+        """Record the item half-life with the data, then start the writer thread."""
+        self.store.transact(lambda w: w.set_item_half_life(self.config.item_half_life_s))
+        self.metrics.model_version.labels(self.catalogs.version).set(1)
+        self._thread = threading.Thread(target=self._run, name="freshrec-writer", daemon=True)
         self._thread.start()
 
     def submit(self, submission: Submission, block: bool,
@@ -128,7 +133,8 @@ class Writer:
             self._stopping = True
             self._has_work.notify_all()
             self._has_space.notify_all()
-        self._thread.join(timeout)
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     def _run(self) -> None:
         while True:
@@ -151,65 +157,53 @@ class Writer:
         if self.config.group_window_s > 0:
             time.sleep(self.config.group_window_s)
         with self._lock:
-            group = self._drain([])
+            group: list[Submission] = []
+            events = 0
+            while self._queue and (not group or events + self._queue[0].size
+                                   <= self.config.group_max_events):
+                submission = self._queue.popleft()
+                self._queued -= submission.size
+                events += submission.size
+                group.append(submission)
             self.metrics.queue_events.set(self._queued)
             self._has_space.notify_all()
             return group
 
-    def _drain(self, group: list[Submission]) -> list[Submission]:
-        events = 0
-        while self._queue and (not group or events + self._queue[0].size
-                               <= self.config.group_max_events):
-            submission = self._queue.popleft()
-            self._queued -= submission.size
-            events += submission.size
-            group.append(submission)
-        return group
-
     def _commit(self, group: list[Submission]) -> None:
-        events = [e for s in group for e in s.events]
         started = time.perf_counter()
-        now = time.time()
         try:
-            result = self.store.transact(lambda w: self._apply(w, group, events, now))
+            outcomes = self.store.transact(lambda w: self._apply(w, group, time.time()))
         except Exception as exc:  # the batch is not acked; the writer keeps going
-            log.error("write of %d events failed: %s", len(events), exc)
+            log.error("write of %d batches failed: %s", len(group), exc)
             for submission in group:
                 submission.finish(None, exc)
             return
-        committed = time.time()
-        self._record(group, result, time.perf_counter() - started, committed)
-        offset = 0
-        for submission in group:
-            n = len(submission.events)
-            submission.finish(GroupResult(result.duplicate[offset:offset + n],
-                                          result.item_known[offset:offset + n],
-                                          result.user_version[offset:offset + n]))
-            offset += n
+        self._record(group, outcomes, time.perf_counter() - started, time.time())
+        for submission, mine in zip(group, outcomes, strict=True):
+            submission.finish(mine)
 
-    def _apply(self, writer: StoreWriter, group: list[Submission], events: list[Event],
-               now: float) -> GroupResult:
-        for submission in group:
-            for rejection, event in submission.rejected:
-                self._rejected_seq += 1
-                writer.put_rejected(now, self._rejected_seq, {**event.__dict__,
-                                                              **rejection.__dict__})
-        config = self.config
-        return apply_group(writer, self.catalog, events, config.weights, config.policy, now,
-                           config.item_half_life_s)
+    def _apply(self, writer: StoreWriter, group: list[Submission],
+               now: float) -> list[list[Outcome]]:
+        """One txn for the group; the outcomes of each submission's valid events."""
+        keep_rejected(writer, [r for s in group for r in s.batch.rejected], now,
+                      self._rejected_seq)
+        events = [e for s in group for e in s.batch.valid]
+        outcomes = iter(apply_group(writer, self.catalogs.live, events, self.config.weights,
+                                    self.config.policy, now))
+        return [[next(outcomes) for _ in s.batch.valid] for s in group]
 
-    def _record(self, group: list[Submission], result: GroupResult, seconds: float,
+    def _record(self, group: list[Submission], outcomes: list[list[Outcome]], seconds: float,
                 committed: float) -> None:
         metrics = self.metrics
         metrics.commit_seconds.observe(seconds)
-        metrics.group_size.observe(len(result.duplicate))
-        duplicates = sum(result.duplicate)
+        flat = [o for mine in outcomes for o in mine]
+        metrics.group_size.observe(len(flat))
+        duplicates = sum(o.duplicate for o in flat)
         metrics.events.labels("duplicate").inc(duplicates)
-        metrics.events.labels("accepted").inc(len(result.duplicate) - duplicates)
+        metrics.events.labels("accepted").inc(len(flat) - duplicates)
         metrics.events.labels("unknown_item").inc(
-            sum(k is False and not d for k, d in zip(result.item_known, result.duplicate,
-                                                     strict=True)))
-        metrics.events.labels("rejected").inc(sum(len(s.rejected) for s in group))
+            sum(not o.item_known and not o.duplicate for o in flat))
+        metrics.events.labels("rejected").inc(sum(len(s.batch.rejected) for s in group))
         for submission in group:
             metrics.event_to_commit_seconds.observe(committed - submission.received_at)
 
@@ -220,26 +214,23 @@ class Writer:
             cutoff = time.time() - self.config.dedupe_retention_s
             self.store.transact(lambda w: w.prune_seen(cutoff, limit=10_000))
             self.store.reap_stale_readers()
-            self._follow_current()
+            self._follow()
         except Exception as exc:  # housekeeping must never stop the writer
             log.error("housekeeping failed: %s", exc)
 
-    def _follow_current(self) -> None:
-        version = current_version(self.snapshots)
-        if version in (self.catalog.model_version, self._refused_version):
-            return
+    def _follow(self) -> None:
+        before = self.catalogs.version
         try:
-            catalog = CatalogSnapshot.load(self.snapshots, version, with_index=False)
+            if self.catalogs.follow() is None:
+                return
         except SnapshotError as exc:
-            self._refused_version = version
-            log.error("refusing new snapshot %s, keeping %s: %s", version,
-                      self.catalog.model_version, exc)
+            log.error("refusing new snapshot, keeping %s: %s", before, exc)
             return
-        log.info("switched to model %s; users are recomputed when next touched", version)
-        self.metrics.model_version.labels(self.catalog.model_version).set(0)
-        self.metrics.model_version.labels(version).set(1)
-        self.catalog = catalog
+        log.info("switched to model %s; users are recomputed when next touched",
+                 self.catalogs.version)
+        self.metrics.model_version.labels(before).set(0)
+        self.metrics.model_version.labels(self.catalogs.version).set(1)
 
     def status(self) -> dict[str, Any]:
         """Queue depth and live model, for health and logs."""
-        return {"queued_events": self._queued, "model_version": self.catalog.model_version}
+        return {"queued_events": self._queued, "model_version": self.catalogs.version}

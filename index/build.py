@@ -12,13 +12,13 @@ import numpy as np
 
 from index import snapshots_dir, users_dir
 from index.catalog import CatalogSnapshot
-from index.datasets import Dataset, DatasetError, Interactions
 from index.model import AlsParams, confidence_matrix, train_als
 from index.snapshot import IndexSpec, write_snapshot
-from index.store import StoreWriter, UserRecord, UserStore
+from index.store import StoreWriter, UserStore
+from index.tables import Dataset, DatasetError, Interactions
+from index.user_record import MAX_HISTORY, UserRecord
 
 Log = Callable[[str], None]
-DEFAULT_MAX_HISTORY = 500
 _BOOTSTRAP_CHUNK = 20_000
 
 
@@ -39,9 +39,9 @@ def default_version(name: str) -> str:
     return f"{name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
 
 
-def build(dataset: Dataset, data_dir: Path, als: AlsParams, index: str = "flat",
+def build(dataset: Dataset, data_dir: Path, als: AlsParams, *, index: str = "flat",
           version: str | None = None, threads: int = 0,
-          max_history: int = DEFAULT_MAX_HISTORY, log: Log = print) -> BuildReport:
+          max_history: int = MAX_HISTORY, log: Log = print) -> BuildReport:
     """Train, write the snapshot (made CURRENT) and bootstrap users into an empty store."""
     timings: dict[str, float] = {}
     clock = time.perf_counter()

@@ -28,6 +28,7 @@ from index.snapshot import (
     search_parameters,
     sha256_file,
 )
+from index.tables import ItemTable
 
 # The item columns of items.npz and their types.
 COLUMNS = {"years": np.dtype(np.int16), "popularity": np.dtype(np.float32),
@@ -79,6 +80,11 @@ class CatalogSnapshot:
                            len(item_ids))
         known = rows >= 0
         return History(rows[known], np.asarray(weights, np.float32)[known])
+
+    def item_table(self) -> ItemTable:
+        """The catalog's items as a table (e.g. to write another snapshot of them)."""
+        return ItemTable(self.item_ids, self.titles,
+                         [tuple(self.genres_of(r)) for r in range(len(self))], self.years)
 
     def genres_of(self, row: int) -> list[str]:
         """Genre names of the item at `row`."""

@@ -11,12 +11,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from index import snapshots_dir, users_dir
-from index.build import DEFAULT_MAX_HISTORY, build
+from index.build import build
 from index.catalog import CatalogSnapshot
-from index.datasets import DatasetError, load, load_csv
+from index.datasets import KNOWN_DATASETS, load, load_csv
+from index.errors import FreshrecError
 from index.model import AlsParams
-from index.snapshot import SnapshotError
 from index.store import UserStore
+from index.tables import DatasetError
+from index.user_record import MAX_HISTORY
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     b = commands.add_parser("build", help="train ALS, write a snapshot, bootstrap users")
     source = b.add_mutually_exclusive_group(required=True)
-    source.add_argument("--dataset", choices=["movielens-100k", "synthetic"])
+    source.add_argument("--dataset", choices=KNOWN_DATASETS)
     source.add_argument("--interactions", type=Path, help="CSV user_id,item_id,weight,timestamp")
     b.add_argument("--items", type=Path, help="CSV item_id,title,genres,year (with --interactions)")
     b.add_argument("--until", type=int, help="keep only interactions before this unix time")
@@ -46,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="flat | hnsw | ivfpq | any FAISS factory string (default flat)")
     b.add_argument("--version", help="model version name (default <dataset>-<UTC time>)")
     b.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    b.add_argument("--max-history", type=int, default=DEFAULT_MAX_HISTORY)
+    b.add_argument("--max-history", type=int, default=MAX_HISTORY)
     i = commands.add_parser("info", help="validate and describe the current snapshot and store")
     i.add_argument("--data-dir", type=Path, required=True)
     return parser
@@ -67,9 +69,11 @@ def _build(args: argparse.Namespace) -> int:
             dataset = replace(dataset, interactions=dataset.interactions.until(args.until))
     load_seconds = time.perf_counter() - started
     print(f"loaded {dataset.name} in {load_seconds:.1f} s", file=sys.stderr)
-    als = AlsParams(args.factors, args.regularization, args.alpha, args.iterations, args.seed)
-    report = build(dataset, args.data_dir, als, args.index, args.version, args.threads,
-                   args.max_history, log=lambda line: print(line, file=sys.stderr))
+    als = AlsParams(factors=args.factors, regularization=args.regularization,
+                    alpha=args.alpha, iterations=args.iterations, seed=args.seed)
+    report = build(dataset, args.data_dir, als, index=args.index, version=args.version,
+                   threads=args.threads, max_history=args.max_history,
+                   log=lambda line: print(line, file=sys.stderr))
     print(json.dumps({"model_version": report.model_version,
                       "snapshot": str(report.snapshot_path),
                       "snapshot_bytes": report.snapshot_bytes, "items": report.item_count,
@@ -96,6 +100,6 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _build(args) if args.command == "build" else _info(args)
-    except (DatasetError, SnapshotError, ValueError) as exc:
+    except (FreshrecError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

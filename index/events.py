@@ -1,4 +1,4 @@
-"""Playback events: validation, weighting, and applying a group of them in one write txn.
+"""Playback events: what one is, how it is checked, and how much it weighs.
 
 Weighting (configurable, see `EventWeights`): a completed play weighs its watch fraction
 (1 when unset), progress weighs half its watch fraction, a start weighs 0.1. Weights of
@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from enum import IntEnum
 
-import numpy as np
-
-from index.catalog import CatalogSnapshot
-from index.model import History
-from index.store import StoreWriter, UserRecord
+from index.errors import InvalidArgument
 
 
 class EventType(IntEnum):
-    """Mirrors recsys.v1.EventType."""
+    """Mirrors recsys.v1.EventType (a test checks that the two agree)."""
 
     UNSPECIFIED = 0
     PLAY_START = 1
@@ -42,10 +38,11 @@ class Event:
 
 @dataclass(frozen=True)
 class Limits:
-    """Bounds an event must respect."""
+    """Bounds an event, and a batch of them, must respect."""
 
     max_id_length: int = 128
     max_future_skew_s: float = 300.0
+    max_batch_events: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -107,90 +104,28 @@ def validate(event: Event, now: float, limits: Limits) -> tuple[str, str] | None
     return None
 
 
-@dataclass
-class GroupResult:
-    """Per-event outcome of one applied group, in submission order."""
-
-    duplicate: list[bool] = field(default_factory=list)
-    item_known: list[bool] = field(default_factory=list)
-    user_version: list[int] = field(default_factory=list)
-
-
 @dataclass(frozen=True)
-class FoldInPolicy:
-    """Exact solve, or CG warm-started from the stored vector (exact when it cannot be).
+class Batch:
+    """A checked batch: the events to apply, and the rejected ones with their reasons."""
 
-    CG pays a fixed cost per iteration in numpy calls, so it only beats the exact solve
-    for a batch of users (bench/foldin.py: 1 user, history 50: exact 46 us, CG 140 us;
-    256 users: exact 63 us, CG 16 us per user): smaller groups are solved exactly.
+    valid: list[Event]
+    rejected: list[tuple[Rejection, Event]]
+
+
+def check_batch(events: Sequence[Event], now: float, limits: Limits, offset: int = 0) -> Batch:
+    """Split a batch into valid and rejected events (indexes counted from `offset`).
+
+    A batch over `limits.max_batch_events` is refused whole (InvalidArgument): a single
+    bad event never is.
     """
-
-    method: str = "cg"
-    cg_iterations: int = 8
-    cg_min_users: int = 4
-    max_history: int = 500
-
-
-def apply_group(writer: StoreWriter, catalog: CatalogSnapshot, events: Sequence[Event],
-                weights: EventWeights, policy: FoldInPolicy, now: float,
-                item_half_life_s: float) -> GroupResult:
-    """Apply valid events in one txn: dedupe, histories, item counts, then batched fold-in.
-
-    Must only touch `writer`'s txn (it reruns if the map had to grow).
-    """
-    result = GroupResult()
-    plays: dict[str, list[tuple[str, float, float]]] = {}
-    seen_now: set[str] = set()
-    for event in events:
-        duplicate = event.event_id in seen_now or writer.seen(event.event_id)
-        result.duplicate.append(duplicate)
-        result.item_known.append(event.item_id in catalog.item_index)
-        if duplicate:
-            continue
-        seen_now.add(event.event_id)
-        writer.mark_seen(event.event_id, now)
-        weight = weights.weight(event)
-        writer.add_item_count(event.item_id, weight, now, item_half_life_s)
-        assert event.occurred_at is not None  # validated
-        plays.setdefault(event.user_id, []).append((event.item_id, weight, event.occurred_at))
-    records = _refresh_users(writer, catalog, plays, policy, now)
-    for event in events:
-        record = records.get(event.user_id) or writer.get_user(event.user_id)
-        result.user_version.append(record.version if record else 0)
-    return result
-
-
-def _refresh_users(writer: StoreWriter, catalog: CatalogSnapshot,
-                   plays: dict[str, list[tuple[str, float, float]]], policy: FoldInPolicy,
-                   now: float) -> dict[str, UserRecord]:
-    """New records for the touched users, with vectors recomputed in one batched fold-in."""
-    records = [(writer.get_user(u) or UserRecord.new(u)).with_plays(p, policy.max_history)
-               for u, p in plays.items()]
-    histories = [catalog.history(r.item_ids, r.weights) for r in records]
-    vectors = _fold_in(catalog, records, histories, policy)
-    out = {}
-    for record, history, vector in zip(records, histories, vectors, strict=True):
-        usable = vector if len(history.items) else np.zeros(0, np.float32)
-        updated = replace(record, vector=usable, model_version=catalog.model_version,
-                          updated_at=now)
-        writer.put_user(updated)
-        out[updated.user_id] = updated
-    return out
-
-
-def _fold_in(catalog: CatalogSnapshot, records: list[UserRecord], histories: list[History],
-             policy: FoldInPolicy) -> np.ndarray:
-    """CG for users whose stored vector is in this model's space, exact for the rest."""
-    warm = np.array([policy.method == "cg" and r.model_version == catalog.model_version
-                     and len(r.vector) == catalog.dim for r in records], dtype=bool)
-    if warm.sum() < policy.cg_min_users:
-        warm[:] = False
-    vectors = np.zeros((len(records), catalog.dim), np.float32)
-    if (~warm).any():
-        vectors[~warm] = catalog.fold_in.exact([h for h, w in zip(histories, warm, strict=True)
-                                                if not w])
-    if warm.any():
-        start = np.stack([r.vector for r, w in zip(records, warm, strict=True) if w])
-        vectors[warm] = catalog.fold_in.cg([h for h, w in zip(histories, warm, strict=True) if w],
-                                           start, policy.cg_iterations)
-    return vectors
+    if len(events) > limits.max_batch_events:
+        raise InvalidArgument(f"{len(events)} events in one message; the limit is "
+                              f"{limits.max_batch_events}")
+    valid, rejected = [], []
+    for index, event in enumerate(events):
+        problem = validate(event, now, limits)
+        if problem is None:
+            valid.append(event)
+        else:
+            rejected.append((Rejection(offset + index, event.event_id, *problem), event))
+    return Batch(valid, rejected)

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from index.catalog import CatalogSnapshot
+from index.errors import InvalidArgument
 
 
-class FilterError(ValueError):
+class FilterError(InvalidArgument):
     """A filter names an unknown genre or an impossible year range."""
 
 

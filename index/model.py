@@ -9,7 +9,8 @@ to 1: the batch model and the online fold-in then share one convention.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -42,6 +43,11 @@ class AlsParams:
     def as_dict(self) -> dict[str, float | int]:
         """The parameters as a JSON-ready dict."""
         return asdict(self)
+
+    @staticmethod
+    def of(values: dict[str, Any]) -> AlsParams:
+        """The parameters of a dict made by `as_dict` (e.g. a snapshot manifest's `als`)."""
+        return AlsParams(**{f.name: values[f.name] for f in fields(AlsParams) if f.name in values})
 
 
 @dataclass(frozen=True)

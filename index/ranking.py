@@ -1,13 +1,13 @@
 """Ranking: a user's top items from their latest vector, filtered inside the ANN search.
 
-The live catalog is one reference swapped atomically on reload, so a request that began
-on the old snapshot finishes on it. User records are read in a short LMDB read txn per
-request, so an event acked a moment ago is already visible (read-your-writes).
+The live catalog is one reference held by a `SnapshotFollower` and swapped atomically, so
+a request that began on the old snapshot finishes on it. User records are read in a
+short LMDB read txn per request, so an event acked a moment ago is already visible
+(read-your-writes).
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,24 +16,21 @@ import faiss
 import numpy as np
 
 from index.catalog import CatalogSnapshot
+from index.errors import NotFound
 from index.filters import CatalogFilters, ItemFilter, allows_rows, clear, count, unpack
-from index.snapshot import SnapshotError, current_version
-from index.store import UserRecord, UserStore
+from index.follower import SnapshotFollower
+from index.store import UserStore
+from index.user_record import UserRecord
 
 PERSONALIZED, POPULAR = "personalized", "popular"
 _POPULAR_BLOCK = 4096
 
 
-class NotFoundError(LookupError):
-    """The named item (or user, where no fallback applies) does not exist."""
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RankingConfig:
     """Tuning of the ranker."""
 
     brute_force_below: int = 4096  # a filter this narrow is searched exactly
-    trending_half_life_s: float = 86_400.0
     popularity_blend: float = 0.5  # weight of recent plays against batch popularity
     new_release_years: int = 2
 
@@ -98,39 +95,20 @@ class LiveCatalog:
 class Ranker:
     """Recommend, SimilarItems and HomePage over the live catalog and the user store."""
 
-    def __init__(self, snapshots: Path, store: UserStore, config: RankingConfig,
-                 catalog: CatalogSnapshot) -> None:
+    def __init__(self, snapshots: Path, store: UserStore, config: RankingConfig) -> None:
+        """Load the live snapshot (SnapshotError if it cannot be)."""
         self.snapshots, self.store, self.config = snapshots, store, config
-        self.live = self._serving(catalog)
-        self._reload_lock = threading.Lock()
-        self._refused = ""  # a CURRENT that failed to load is not retried every poll
+        self.catalogs = SnapshotFollower(snapshots, self._serving,
+                                         lambda live: live.catalog.model_version)
 
-    # -- catalog -------------------------------------------------------------------------
+    @property
+    def live(self) -> LiveCatalog:
+        """The catalog served now, with its derived state."""
+        return self.catalogs.live
 
-    def reload(self, version: str | None = None) -> CatalogSnapshot:
-        """Load `version` (default: CURRENT), validate it and swap it in; SnapshotError if bad."""
-        with self._reload_lock:
-            catalog = CatalogSnapshot.load(self.snapshots, version, mmap=True)
-            self.live = self._serving(catalog)  # one reference assignment: atomic for readers
-            return catalog
-
-    def _serving(self, catalog: CatalogSnapshot) -> LiveCatalog:
+    def _serving(self, version: str) -> LiveCatalog:
+        catalog = CatalogSnapshot.load(self.snapshots, version, mmap=True)
         return LiveCatalog.of(catalog, self._recent_counts(catalog), self.config.popularity_blend)
-
-    def follow_current(self) -> bool:
-        """Reload if snapshots/CURRENT names another version; True if it switched.
-
-        Raises SnapshotError (once per bad version) if the new one cannot be loaded.
-        """
-        version = current_version(self.snapshots)
-        if version in (self.live.catalog.model_version, self._refused):
-            return False
-        try:
-            self.reload(version)
-        except SnapshotError:
-            self._refused = version
-            raise
-        return True
 
     def refresh_trending(self) -> None:
         """Re-read the event service's recent play counts into the popularity order."""
@@ -139,7 +117,7 @@ class Ranker:
 
     def _recent_counts(self, catalog: CatalogSnapshot) -> np.ndarray:
         recent = np.zeros(len(catalog))
-        counts = self.store.item_counts(time.time(), self.config.trending_half_life_s)
+        counts = self.store.item_counts(time.time())
         for item_id, value in counts.items():
             row = catalog.item_index.get(item_id)
             if row is not None:
@@ -169,7 +147,7 @@ class Ranker:
         live = self.live
         row = live.catalog.item_index.get(item_id)
         if row is None:
-            raise NotFoundError(f"unknown item {item_id!r}")
+            raise NotFound(f"unknown item {item_id!r}")
         allowed = self._without(live, live.filters.bitmap(spec), [row])
         vector = np.asarray(live.catalog.item_factors[row], np.float32)
         return self._search(live, vector, k, allowed), live.catalog

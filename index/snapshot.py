@@ -22,8 +22,10 @@ from typing import Any
 import faiss
 import numpy as np
 
-from index.datasets import ItemTable
+from index.errors import FailedPrecondition
+from index.files import atomic_write, fsync_dir, fsync_file
 from index.model import AlsParams
+from index.tables import ItemTable
 
 FORMAT = 1
 METRIC = "inner_product"
@@ -40,7 +42,7 @@ MAX_ITEMS = 50_000_000
 MAX_DIM = 1024
 
 
-class SnapshotError(Exception):
+class SnapshotError(FailedPrecondition):
     """A snapshot is missing, corrupt or inconsistent; the message names the file."""
 
 
@@ -170,14 +172,6 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_lines(path: Path, values: Sequence[str]) -> None:
     path.write_text("\n".join(values), encoding="utf-8")
 
@@ -209,7 +203,7 @@ def write_snapshot(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     tmp.rename(final)
-    _fsync_dir(root)
+    fsync_dir(root)
     if make_current:
         set_current(root, version)
     return final
@@ -235,9 +229,8 @@ def _write_files(tmp: Path, version: str, item_factors: np.ndarray, items: ItemT
     )
     (tmp / MANIFEST).write_text(json.dumps(manifest.__dict__, indent=2), encoding="utf-8")
     for name in (*DATA_FILES, MANIFEST):
-        with (tmp / name).open("rb") as handle:
-            os.fsync(handle.fileno())
-    _fsync_dir(tmp)
+        fsync_file(tmp / name)
+    fsync_dir(tmp)
 
 
 def _genre_masks(items: ItemTable, genres: list[str]) -> np.ndarray:
@@ -252,12 +245,7 @@ def set_current(root: Path, version: str) -> None:
     """Point snapshots/CURRENT at `version` with an atomic rename."""
     if not (root / version / MANIFEST).is_file():
         raise SnapshotError(f"{root / version / MANIFEST}: no such snapshot")
-    tmp = root / f".{CURRENT}.tmp-{os.getpid()}"
-    tmp.write_text(version + "\n", encoding="utf-8")
-    with tmp.open("rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, root / CURRENT)
-    _fsync_dir(root)
+    atomic_write(root / CURRENT, (version + "\n").encode("utf-8"))
 
 
 def current_version(root: Path) -> str:

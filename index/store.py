@@ -1,9 +1,11 @@
 """The LMDB user store shared by both services: user records, seen events, item counts.
 
-One env, named DBs: ``users`` (user_id -> binary record), ``seen`` (event_id -> time
-applied), ``seen_by_time`` (time + event_id, for pruning), ``item_counts`` (item_id ->
-decayed count), ``rejected`` (time + seq -> JSON), ``meta``. Only one thread of one
-process writes (LMDB allows one write txn at a time); readers use short read txns.
+One env, named DBs: ``users`` (user_id -> binary record, see `index.user_record`),
+``seen`` (event_id -> time applied), ``seen_by_time`` (time + event_id, for pruning),
+``item_counts`` (item_id -> decayed count and its time), ``rejected`` (time + seq ->
+JSON), ``meta`` (including the half-life the item counts decay with, so that the writer
+and every reader decay them alike). Only one thread of one process writes (LMDB allows
+one write txn at a time); readers use short read txns.
 """
 
 from __future__ import annotations
@@ -13,123 +15,40 @@ import struct
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import lmdb
-import numpy as np
+
+from index.errors import Exhausted, Unavailable
+from index.user_record import UserRecord
 
 T = TypeVar("T")
-RECORD_FORMAT = 1
-# format, flags, dim, history length, model-version length, ids-blob length, version, updated_at
-_HEADER = struct.Struct("<BBHHHIQd")
 _TIME_KEY = struct.Struct(">d")
 _COUNT = struct.Struct("<dd")
 DB_NAMES = ("users", "seen", "seen_by_time", "item_counts", "rejected", "meta")
 DEFAULT_MAP_SIZE = 4 << 30
 MAX_MAP_SIZE = 1 << 40
+DEFAULT_ITEM_HALF_LIFE_S = 86_400.0
+HALF_LIFE_KEY = b"item_half_life_s"
 
 
-class StoreFullError(Exception):
+class StoreFullError(Exhausted):
     """The LMDB map cannot grow any further, or the disk is full: retry later."""
 
 
-class StoreWriteError(Exception):
+class StoreWriteError(Unavailable):
     """A write failed (an I/O error at commit); nothing of it was committed."""
 
 
-@dataclass(frozen=True)
-class UserRecord:
-    """A user's vector, the model it belongs to, a version counter and a bounded history."""
+def _decayed(raw: bytes | memoryview, now: float, half_life: float) -> float:
+    count, then = _COUNT.unpack(raw)
+    return float(count * 0.5 ** (max(now - then, 0.0) / half_life))
 
-    user_id: str
-    vector: np.ndarray  # float32; empty when the user has no usable vector
-    model_version: str
-    version: int
-    updated_at: float
-    item_ids: tuple[str, ...]
-    weights: np.ndarray  # float32, summed weight per item
-    last_at: np.ndarray  # float64, unix time of the item's latest event
 
-    def encode(self) -> bytes:
-        """Compact binary form (never pickle)."""
-        ids = "\0".join(self.item_ids).encode("utf-8")
-        model = self.model_version.encode("utf-8")
-        header = _HEADER.pack(RECORD_FORMAT, 0, len(self.vector), len(self.item_ids),
-                              len(model), len(ids), self.version, self.updated_at)
-        return b"".join((header, model, self.vector.astype("<f4").tobytes(),
-                         self.weights.astype("<f4").tobytes(),
-                         self.last_at.astype("<f8").tobytes(), ids))
-
-    @staticmethod
-    def decode(user_id: str, raw: bytes | memoryview) -> UserRecord:
-        """Parse a record written by `encode`; ValueError if it is not one."""
-        fmt, _, dim, n, model_len, ids_len, version, updated_at = _HEADER.unpack_from(raw)
-        if fmt != RECORD_FORMAT:
-            raise ValueError(f"user {user_id!r}: unknown record format {fmt}")
-        at = _HEADER.size
-        model = bytes(raw[at:at + model_len]).decode("utf-8")
-        at += model_len
-        vector = np.frombuffer(raw, "<f4", dim, at).astype(np.float32)
-        weights = np.frombuffer(raw, "<f4", n, at + 4 * dim).astype(np.float32)
-        last_at = np.frombuffer(raw, "<f8", n, at + 4 * dim + 4 * n).astype(np.float64)
-        at += 4 * dim + 12 * n
-        ids = bytes(raw[at:at + ids_len]).decode("utf-8").split("\0") if n else []
-        if len(ids) != n or at + ids_len != len(raw):
-            raise ValueError(f"user {user_id!r}: record length does not match its header")
-        return UserRecord(user_id, vector, model, version, updated_at, tuple(ids), weights,
-                          last_at)
-
-    @staticmethod
-    def new(user_id: str) -> UserRecord:
-        """An empty record for a user seen for the first time."""
-        return UserRecord(user_id, np.zeros(0, np.float32), "", 0, 0.0, (),
-                          np.zeros(0, np.float32), np.zeros(0, np.float64))
-
-    def with_plays(
-        self, plays: list[tuple[str, float, float]], max_history: int
-    ) -> UserRecord:
-        """Add (item_id, weight, at) plays: weights of an item accumulate, newest kept.
-
-        On the write path a user gets a play or two: a C scan of the ids (`list.index`)
-        beats building a dict of the whole history. A long batch (bootstrap) uses the dict.
-        """
-        ids = list(self.item_ids)
-        known = len(ids)
-        weights, last_at = self.weights.astype(np.float64), self.last_at.copy()
-        added_weights: list[float] = []
-        added_last: list[float] = []
-        position = dict(zip(ids, range(known), strict=True)) if len(plays) > 16 else None
-        for item_id, weight, at in plays:
-            k = position.get(item_id, -1) if position is not None else \
-                (ids.index(item_id) if item_id in ids else -1)
-            if k < 0:
-                if position is not None:
-                    position[item_id] = len(ids)
-                ids.append(item_id)
-                added_weights.append(weight)
-                added_last.append(at)
-            elif k < known:
-                weights[k] += weight
-                last_at[k] = max(last_at[k], at)
-            else:
-                added_weights[k - known] += weight
-                added_last[k - known] = max(added_last[k - known], at)
-        if added_weights:
-            weights = np.concatenate([weights, added_weights])
-            last_at = np.concatenate([last_at, added_last])
-        if len(ids) > max_history:
-            kept = np.sort(np.argsort(-last_at, kind="stable")[:max_history])
-            ids = list(map(ids.__getitem__, kept.tolist()))
-            weights, last_at = weights[kept], last_at[kept]
-        return replace(self, version=self.version + len(plays), item_ids=tuple(ids),
-                       weights=weights.astype(np.float32), last_at=last_at)
-
-    def recent_item_ids(self, n: int | None = None) -> list[str]:
-        """History item ids, most recent first."""
-        order = np.argsort(-self.last_at, kind="stable")[:n]
-        return [self.item_ids[i] for i in order]
+def _half_life(txn: lmdb.Transaction, meta: Any) -> float:
+    raw = txn.get(HALF_LIFE_KEY, db=meta)
+    return DEFAULT_ITEM_HALF_LIFE_S if raw is None else float(bytes(raw))
 
 
 class _ResizeLock:
@@ -163,6 +82,7 @@ class StoreWriter:
     def __init__(self, txn: lmdb.Transaction, dbs: dict[str, Any]) -> None:
         self.txn = txn
         self.dbs = dbs
+        self._half_life: float | None = None
 
     def get_user(self, user_id: str) -> UserRecord | None:
         """The user's record as of this txn."""
@@ -183,13 +103,15 @@ class StoreWriter:
         self.txn.put(key, _TIME_KEY.pack(at), db=self.dbs["seen"])
         self.txn.put(_TIME_KEY.pack(at) + key, b"", db=self.dbs["seen_by_time"])
 
-    def add_item_count(self, item_id: str, weight: float, at: float, half_life: float) -> None:
+    def add_item_count(self, item_id: str, weight: float, at: float) -> None:
         """Add to an item's exponentially decayed play count (for trending and popularity)."""
+        if self._half_life is None:
+            self._half_life = _half_life(self.txn, self.dbs["meta"])
         key = item_id.encode("utf-8")
         raw = self.txn.get(key, db=self.dbs["item_counts"])
-        count, then = _COUNT.unpack(raw) if raw else (0.0, at)
-        decayed = count * 0.5 ** (max(at - then, 0.0) / half_life)
-        self.txn.put(key, _COUNT.pack(decayed + weight, max(at, then)), db=self.dbs["item_counts"])
+        then = _COUNT.unpack(raw)[1] if raw else at
+        count = _decayed(raw, at, self._half_life) if raw else 0.0
+        self.txn.put(key, _COUNT.pack(count + weight, max(at, then)), db=self.dbs["item_counts"])
 
     def put_rejected(self, at: float, seq: int, info: dict[str, Any]) -> None:
         """Keep a rejected event with its reason."""
@@ -199,6 +121,13 @@ class StoreWriter:
     def put_meta(self, key: str, value: str) -> None:
         """Set a meta entry."""
         self.txn.put(key.encode("utf-8"), value.encode("utf-8"), db=self.dbs["meta"])
+
+    def set_item_half_life(self, seconds: float) -> None:
+        """Decay item counts with this half-life from now on (writer and readers alike)."""
+        if not seconds > 0:
+            raise ValueError(f"the item half-life must be > 0 s, got {seconds}")
+        self.put_meta(HALF_LIFE_KEY.decode(), repr(float(seconds)))
+        self._half_life = float(seconds)
 
     def prune_seen(self, before: float, limit: int) -> int:
         """Forget up to `limit` event ids applied before `before`; returns how many."""
@@ -273,14 +202,17 @@ class UserStore:
         with self._read() as txn:
             return txn.get(event_id.encode("utf-8"), db=self.dbs["seen"]) is not None
 
-    def item_counts(self, now: float, half_life: float) -> dict[str, float]:
-        """Every item's play count, decayed to `now`."""
-        counts = {}
+    def item_counts(self, now: float) -> dict[str, float]:
+        """Every item's play count, decayed to `now` with the store's half-life."""
         with self._read() as txn:
-            for key, value in txn.cursor(db=self.dbs["item_counts"]):
-                count, then = _COUNT.unpack(value)
-                counts[bytes(key).decode("utf-8")] = count * 0.5 ** (max(now - then, 0) / half_life)
-        return counts
+            half_life = _half_life(txn, self.dbs["meta"])
+            return {bytes(key).decode("utf-8"): _decayed(value, now, half_life)
+                    for key, value in txn.cursor(db=self.dbs["item_counts"])}
+
+    def item_half_life(self) -> float:
+        """Seconds it takes an item's play count to halve."""
+        with self._read() as txn:
+            return _half_life(txn, self.dbs["meta"])
 
     def rejected(self, limit: int = 100) -> list[dict[str, Any]]:
         """The most recent rejected events, newest first."""

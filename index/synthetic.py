@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from index.datasets import Dataset, DatasetError, Interactions, ItemTable
+from index.tables import Dataset, DatasetError, Interactions, ItemTable
 
 SYNTHETIC_END = 1_700_000_000
 SYNTHETIC_SPAN_S = 90 * 86_400

@@ -1,1 +1,1 @@
-"""The ranking service: top items for a user from their latest vector (in progress)."""
+"""The ranking service: top items for a user from their latest vector, filtered and ranked."""

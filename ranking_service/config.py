@@ -1,4 +1,7 @@
-"""Settings of the ranking service, read once at start-up from flags and FRESHREC_* env."""
+"""Settings of the ranking service, read once at start-up from flags and FRESHREC_* env.
+
+Ranking defaults come from `RankingConfig`, so each is stated once.
+"""
 
 from __future__ import annotations
 
@@ -15,17 +18,17 @@ class Settings(ServerSettings):
     port: int = field(default=50052, metadata={"help": "gRPC port (0 = pick a free one)"})
     metrics_port: int = field(default=0, metadata={
         "help": "Prometheus HTTP port of worker 0 (worker i uses port + i; 0 = off)"})
-    # Measured (bench/ranking.py, 2 cores): 2 processes serve 1.6-1.8x the requests/s of one
-    # at 16 clients, with the same single-client latency.
+    # Measured with `make bench` (2 cores): 2 processes serve 1.6-1.8x the requests/s of
+    # one at 16 clients, with the same single-client latency.
     workers: int = field(default=2, metadata={
         "help": "server processes sharing the port (SO_REUSEPORT); needs a fixed port"})
     max_workers: int = 16
     max_k: int = 500
     catalog_poll_s: float = 1.0
     trending_refresh_s: float = 5.0
-    brute_force_below: int = 4096
-    popularity_blend: float = 0.5
-    new_release_years: int = 2
+    brute_force_below: int = RankingConfig.brute_force_below
+    popularity_blend: float = RankingConfig.popularity_blend
+    new_release_years: int = RankingConfig.new_release_years
 
     def __post_init__(self) -> None:
         self.check_security()
@@ -37,5 +40,6 @@ class Settings(ServerSettings):
     @property
     def ranking(self) -> RankingConfig:
         """The ranker's tuning."""
-        return RankingConfig(self.brute_force_below, popularity_blend=self.popularity_blend,
+        return RankingConfig(brute_force_below=self.brute_force_below,
+                             popularity_blend=self.popularity_blend,
                              new_release_years=self.new_release_years)

@@ -21,6 +21,14 @@ class RankingMetrics:
         self.reloads = Counter("freshrec_catalog_reloads_total", "Catalog reloads by outcome",
                                ["outcome"], registry=self.registry)
 
+    def switched(self, before: str, after: str, outcome: str | None) -> None:
+        """The catalog served went from `before` to `after` (a reload or a follow)."""
+        if before and before != after:
+            self.catalog.labels(before).set(0)
+        self.catalog.labels(after).set(1)
+        if outcome is not None:
+            self.reloads.labels(outcome).inc()
+
     def serve(self, port: int, host: str) -> None:
         """Expose /metrics over HTTP."""
         start_http_server(port, addr=host, registry=self.registry)

@@ -10,35 +10,18 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import signal
 import sys
-import threading
 
-from index.snapshot import SnapshotError
 from ranking_service.config import Settings
 from ranking_service.server import create_server, open_deps
-from rpc.server import configure_logging, wait_for_signal
+from rpc.server import configure_logging, run, stop_requested
 
 log = logging.getLogger("freshrec.ranking")
 
 
 def serve(settings: Settings, worker: int = 0) -> int:
     """Run one server process in the foreground; exit 0 after a clean shutdown."""
-    configure_logging()
-    try:
-        deps = open_deps(settings)
-    except SnapshotError as exc:
-        log.error("cannot start: %s", exc)
-        return 2
-    server, port = create_server(settings, deps)
-    if settings.metrics_port:
-        deps.metrics.serve(settings.metrics_port + worker, settings.host)
-    log.info("ranking service on %s:%d (worker %d, %s; model %s)", settings.host, port,
-             worker, server.mode, deps.ranker.live.catalog.model_version)
-    wait_for_signal()
-    server.stop(settings.grace_s)
-    log.info("worker %d stopped cleanly", worker)
-    return 0
+    return run("ranking service", settings, open_deps, create_server, worker)
 
 
 def _worker(settings: Settings, worker: int) -> None:
@@ -56,9 +39,7 @@ def main(argv: list[str] | None = None) -> int:
                              name=f"ranking-{i}") for i in range(settings.workers)]
     for proc in procs:
         proc.start()
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+    stop = stop_requested()
     while not stop.wait(0.5):
         if any(p.exitcode not in (None, 0) for p in procs):
             log.error("a worker died; stopping the others")

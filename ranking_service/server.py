@@ -3,29 +3,28 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-import faiss
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-from grpc_health.v1 import health
-from threadpoolctl import threadpool_limits
 
 from index import snapshots_dir, users_dir
 from index.catalog import CatalogSnapshot
-from index.filters import FilterError, ItemFilter
-from index.ranking import PERSONALIZED, NotFoundError, Ranker, Scored
-from index.snapshot import VERSION_PATTERN, SnapshotError, set_current
+from index.errors import InvalidArgument
+from index.filters import ItemFilter
+from index.ranking import PERSONALIZED, Ranker, Scored
+from index.snapshot import VERSION_PATTERN, SnapshotError
 from index.store import UserStore
 from ranking_service.config import Settings
 from ranking_service.metrics import RankingMetrics
 from recsys.v1 import catalog_pb2, catalog_pb2_grpc, ranking_pb2, ranking_pb2_grpc
-from rpc.errors import BadRequest, mapped_errors
-from rpc.server import add_health_and_reflection, bind, new_server, set_serving
+from rpc.server import Service, assemble
 
 log = logging.getLogger("freshrec.ranking")
 SERVICES = [ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name,
@@ -37,11 +36,6 @@ POLICY = {f"/{service}/{method}": role for service, method, role in (
     (SERVICES[0], "Recommend", "viewer"), (SERVICES[0], "SimilarItems", "viewer"),
     (SERVICES[0], "HomePage", "viewer"), (SERVICES[1], "GetCatalogInfo", "viewer"),
     (SERVICES[1], "ReloadCatalog", "admin"))}
-ERROR_CODES = {
-    FilterError: grpc.StatusCode.INVALID_ARGUMENT,
-    NotFoundError: grpc.StatusCode.NOT_FOUND,
-    SnapshotError: grpc.StatusCode.FAILED_PRECONDITION,
-}
 
 
 def to_filter(message: ranking_pb2.Filter) -> ItemFilter:
@@ -60,18 +54,16 @@ def to_items(catalog: CatalogSnapshot, scored: Sequence[Scored]) -> list[ranking
 class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
     """Recommend, SimilarItems and HomePage over the ranker."""
 
-    error_codes = ERROR_CODES
-
     def __init__(self, settings: Settings, ranker: Ranker, metrics: RankingMetrics) -> None:
         self.settings, self.ranker, self.metrics = settings, ranker, metrics
 
     def _check(self, name: str, value: str, k: int) -> None:
         if not value:
-            raise BadRequest(f"{name} is empty")
+            raise InvalidArgument(f"{name} is empty")
         if len(value.encode("utf-8")) > self.settings.max_id_length:
-            raise BadRequest(f"{name} is longer than {self.settings.max_id_length} bytes")
+            raise InvalidArgument(f"{name} is longer than {self.settings.max_id_length} bytes")
         if not 1 <= k <= self.settings.max_k:
-            raise BadRequest(f"k must be in [1, {self.settings.max_k}], got {k}")
+            raise InvalidArgument(f"k must be in [1, {self.settings.max_k}], got {k}")
 
     def _timed(self, rpc: str, work: Callable[[], T]) -> T:
         started = time.perf_counter()
@@ -80,7 +72,6 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         finally:
             self.metrics.latency.labels(rpc).observe(time.perf_counter() - started)
 
-    @mapped_errors
     def Recommend(self, request: ranking_pb2.RecommendRequest, context: grpc.ServicerContext
                   ) -> ranking_pb2.RecommendResponse:
         self._check("user_id", request.user_id, request.k)
@@ -92,7 +83,6 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             source=SOURCES.get(ranking.source, ranking_pb2.POPULAR),
             user_version=ranking.user_version, model_version=ranking.catalog.model_version)
 
-    @mapped_errors
     def SimilarItems(self, request: ranking_pb2.SimilarItemsRequest,
                      context: grpc.ServicerContext) -> ranking_pb2.SimilarItemsResponse:
         self._check("item_id", request.item_id, request.k)
@@ -101,7 +91,6 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         return ranking_pb2.SimilarItemsResponse(items=to_items(catalog, items),
                                                 model_version=catalog.model_version)
 
-    @mapped_errors
     def HomePage(self, request: ranking_pb2.HomePageRequest, context: grpc.ServicerContext
                  ) -> ranking_pb2.HomePageResponse:
         self._check("user_id", request.user_id, request.k_per_row)
@@ -114,47 +103,90 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             user_version=version, model_version=catalog.model_version)
 
 
+SERVER_ID = f"{socket.gethostname()}:{os.getpid()}"
+
+
 def catalog_info(catalog: CatalogSnapshot) -> catalog_pb2.CatalogInfo:
-    """The CatalogInfo message of a snapshot."""
+    """The CatalogInfo message of a snapshot, as served by this process."""
     loaded = Timestamp()
     loaded.FromNanoseconds(int(catalog.loaded_at * 1e9))
     return catalog_pb2.CatalogInfo(model_version=catalog.model_version, dimension=catalog.dim,
                                    item_count=len(catalog), index_type=catalog.manifest.index_type,
-                                   loaded_at=loaded)
+                                   loaded_at=loaded, server_id=SERVER_ID)
 
 
 class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
     """GetCatalogInfo and ReloadCatalog (admin)."""
 
-    error_codes = ERROR_CODES
+    def __init__(self, ranker: Ranker, metrics: RankingMetrics) -> None:
+        self.ranker, self.metrics = ranker, metrics
 
-    def __init__(self, settings: Settings, ranker: Ranker, metrics: RankingMetrics) -> None:
-        self.settings, self.ranker, self.metrics = settings, ranker, metrics
-
-    @mapped_errors
     def GetCatalogInfo(self, request: catalog_pb2.GetCatalogInfoRequest,
                        context: grpc.ServicerContext) -> catalog_pb2.CatalogInfo:
         return catalog_info(self.ranker.live.catalog)
 
-    @mapped_errors
     def ReloadCatalog(self, request: catalog_pb2.ReloadCatalogRequest,
                       context: grpc.ServicerContext) -> catalog_pb2.CatalogInfo:
         version = request.model_version or None
-        if version is not None and not VERSION_PATTERN.match(version):
-            raise BadRequest(f"model_version {version!r} is not a snapshot name under "
-                             "snapshots/ (letters, digits, '.', '_', '-')")
+        if version is not None and not VERSION_PATTERN.fullmatch(version):
+            raise InvalidArgument(f"model_version {version!r} is not a snapshot name under "
+                                  "snapshots/ (letters, digits, '.', '_', '-')")
+        before = self.ranker.catalogs.version
         try:
-            catalog = self.ranker.reload(version)
+            live = self.ranker.catalogs.switch(version)  # also points CURRENT at it
         except SnapshotError as exc:
             self.metrics.reloads.labels("refused").inc()
-            log.warning("reload refused: %s", exc)  # the full path stays in the log
-            raise SnapshotError(str(exc).replace(str(self.settings.data_dir), "<data-dir>")) \
-                from exc
-        if version is not None:  # CURRENT is the truth every process follows
-            set_current(self.ranker.snapshots, version)
-        self.metrics.reloads.labels("loaded").inc()
-        log.info("catalog reloaded: %s", catalog.model_version)
-        return catalog_info(catalog)
+            log.warning("reload refused: %s", exc)
+            raise
+        self.metrics.switched(before, live.catalog.model_version, "loaded")
+        log.info("catalog reloaded: %s", live.catalog.model_version)
+        return catalog_info(live.catalog)
+
+
+class Maintenance:
+    """Follows snapshots/CURRENT and refreshes trending counts, off the request path."""
+
+    def __init__(self, settings: Settings, ranker: Ranker, store: UserStore,
+                 metrics: RankingMetrics) -> None:
+        self.settings, self.ranker, self.store, self.metrics = settings, ranker, store, metrics
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the maintenance thread."""
+        self.metrics.switched("", self.ranker.catalogs.version, None)
+        self._thread = threading.Thread(target=self._run, daemon=True, name="freshrec-catalog")
+        self._thread.start()
+
+    def stop(self, timeout: float) -> None:
+        """Stop the thread (after the server has stopped taking calls)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(min(timeout, 5))
+
+    def _run(self) -> None:
+        next_trending = 0.0
+        while not self._stop.wait(self.settings.catalog_poll_s):
+            try:
+                self._follow()
+                if time.monotonic() >= next_trending:
+                    self.ranker.refresh_trending()
+                    self.store.reap_stale_readers()
+                    next_trending = time.monotonic() + self.settings.trending_refresh_s
+            except Exception as exc:  # never stop maintaining; keep serving the old catalog
+                log.error("catalog maintenance: %s", exc)
+
+    def _follow(self) -> None:
+        before = self.ranker.catalogs.version
+        try:
+            live = self.ranker.catalogs.follow()
+        except SnapshotError as exc:
+            self.metrics.reloads.labels("refused").inc()
+            log.error("refusing new snapshot, keeping %s: %s", before, exc)
+            return
+        if live is not None:
+            self.metrics.switched(before, live.catalog.model_version, "followed")
+            log.info("followed CURRENT to %s", live.catalog.model_version)
 
 
 @dataclass
@@ -165,69 +197,27 @@ class Deps:
     store: UserStore
     metrics: RankingMetrics
 
+    @property
+    def model_version(self) -> str:
+        """The live model version."""
+        return self.ranker.catalogs.version
+
 
 def open_deps(settings: Settings) -> Deps:
     """Open the store read-only and load the live snapshot (SnapshotError if there is none)."""
     store = UserStore(users_dir(settings.data_dir), readonly=True)
-    root = snapshots_dir(settings.data_dir)
-    catalog = CatalogSnapshot.load(root, mmap=True)
-    return Deps(Ranker(root, store, settings.ranking, catalog), store, RankingMetrics())
+    ranker = Ranker(snapshots_dir(settings.data_dir), store, settings.ranking)
+    return Deps(ranker, store, RankingMetrics())
 
 
-class RankingServer:
-    """The running server with its maintenance thread."""
-
-    def __init__(self, server: grpc.Server, health_servicer: health.HealthServicer,
-                 deps: Deps, settings: Settings, mode: str) -> None:
-        self.server, self.health, self.deps = server, health_servicer, deps
-        self.mode = mode  # e.g. "insecure, auth off", for the start-up log
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._maintain, args=(settings,), daemon=True,
-                                        name="freshrec-catalog")
-        self._thread.start()
-
-    def _maintain(self, settings: Settings) -> None:
-        """Follow snapshots/CURRENT and refresh trending counts, off the request path."""
-        next_trending = 0.0
-        metrics, ranker = self.deps.metrics, self.deps.ranker
-        while not self._stop.wait(settings.catalog_poll_s):
-            try:
-                before = ranker.live.catalog.model_version
-                if ranker.follow_current():
-                    metrics.catalog.labels(before).set(0)
-                    metrics.reloads.labels("followed").inc()
-                if time.monotonic() >= next_trending:
-                    ranker.refresh_trending()
-                    self.deps.store.reap_stale_readers()
-                    next_trending = time.monotonic() + settings.trending_refresh_s
-            except Exception as exc:  # never stop maintaining; keep serving the old catalog
-                log.error("catalog maintenance: %s", exc)
-            metrics.catalog.labels(ranker.live.catalog.model_version).set(1)
-
-    def stop(self, grace: float) -> None:
-        """Refuse new calls, let calls in flight finish, close the store."""
-        self.health.enter_graceful_shutdown()
-        self._stop.set()
-        self.server.stop(grace).wait()
-        self._thread.join(5)
-        self.deps.store.close()
-
-
-def create_server(settings: Settings, deps: Deps) -> tuple[RankingServer, int]:
+def create_server(settings: Settings, deps: Deps) -> tuple[Service, int]:
     """Build and start the server on settings.host:port; returns it and the bound port."""
-    # Requests run in parallel across threads (FAISS releases the GIL); OpenMP or BLAS
-    # threads inside one search would only spin against them.
-    faiss.omp_set_num_threads(1)
-    threadpool_limits(1, "blas")
-    server = new_server(settings, POLICY, reuse_port=settings.workers > 1)
-    ranking_pb2_grpc.add_RankingServiceServicer_to_server(
-        RankingServicer(settings, deps.ranker, deps.metrics), server)
-    catalog_pb2_grpc.add_CatalogServiceServicer_to_server(
-        CatalogServicer(settings, deps.ranker, deps.metrics), server)
-    health_servicer = add_health_and_reflection(server, SERVICES, settings.reflection)
-    port, mode = bind(server, settings)
-    server.start()
-    deps.metrics.catalog.labels(deps.ranker.live.catalog.model_version).set(1)
-    set_serving(health_servicer, SERVICES)
-    return RankingServer(server, health_servicer, deps, settings, mode), port
+    def add(server: grpc.Server) -> None:
+        ranking_pb2_grpc.add_RankingServiceServicer_to_server(
+            RankingServicer(settings, deps.ranker, deps.metrics), server)
+        catalog_pb2_grpc.add_CatalogServiceServicer_to_server(
+            CatalogServicer(deps.ranker, deps.metrics), server)
 
+    maintenance = Maintenance(settings, deps.ranker, deps.store, deps.metrics)
+    return assemble(settings, POLICY, SERVICES, add, parts=[maintenance],
+                    close=deps.store.close, reuse_port=settings.workers > 1)

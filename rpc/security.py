@@ -8,11 +8,12 @@ Health checks stay open so orchestrators can probe. Tokens are compared in const
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
+
+from rpc.errors import like
 
 # A role may call what it names and what the roles after it may call.
 ROLES = {"admin": {"admin", "ingest", "viewer"}, "ingest": {"ingest", "viewer"},
@@ -42,13 +43,7 @@ def _deny(handler: grpc.RpcMethodHandler, code: grpc.StatusCode,
     def abort(_: Any, context: grpc.ServicerContext) -> None:
         context.abort(code, message)
 
-    factory: Callable[..., grpc.RpcMethodHandler] = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[(handler.request_streaming, handler.response_streaming)]
-    return factory(abort)
+    return like(handler, abort)
 
 
 class TokenAuth(grpc.ServerInterceptor):

@@ -1,34 +1,114 @@
-"""Building a gRPC server the same way for both services: limits, security, health."""
+"""One lifecycle for both servers: build (limits, security, errors, health), run, stop.
+
+`assemble` builds and starts a `Service` (the gRPC server, its health, and the background
+parts it runs on, in one start and stop order); `run` is the whole life of a server
+process, from opening its dependencies to a graceful stop on SIGTERM/SIGINT.
+"""
 
 from __future__ import annotations
 
 import logging
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
+import faiss
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from threadpoolctl import threadpool_limits
 
+from index.errors import FailedPrecondition
+from rpc.errors import ErrorBoundary
 from rpc.security import REFLECTION_METHODS, TokenAuth, load_tokens, server_credentials
 from rpc.settings import ServerSettings
 
+S = TypeVar("S", bound=ServerSettings)
+D = TypeVar("D", bound="Deps")
 
-def new_server(settings: ServerSettings, policy: dict[str, str],
-               reuse_port: bool = False) -> grpc.Server:
+
+class Part(Protocol):
+    """Something a service runs beside its gRPC server (the writer, a maintenance thread)."""
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout: float) -> None: ...
+
+
+class Deps(Protocol):
+    """What `run` needs of a service's dependencies."""
+
+    @property
+    def model_version(self) -> str: ...
+
+    @property
+    def metrics(self) -> Any: ...  # has serve(port, host)
+
+
+class Service:
+    """A gRPC server with health and its parts; `stop` drains calls, then the parts."""
+
+    def __init__(self, server: grpc.Server, health_servicer: health.HealthServicer,
+                 services: Sequence[str], mode: str, parts: Sequence[Part],
+                 close: Callable[[], None]) -> None:
+        self.server, self.health, self.services = server, health_servicer, services
+        self.mode = mode  # e.g. "insecure, auth off", for the start-up log
+        self.parts, self._close = parts, close
+
+    def start(self) -> None:
+        """Start the parts, then the server; report SERVING."""
+        for part in self.parts:
+            part.start()
+        self.server.start()
+        for name in ("", *self.services):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace: float) -> None:
+        """NOT_SERVING, refuse new calls, let calls in flight finish, stop parts, close."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        for part in reversed(self.parts):
+            part.stop(grace + 30)
+        self._close()
+
+
+def assemble(settings: ServerSettings, policy: dict[str, str], services: Sequence[str],
+             add_servicers: Callable[[grpc.Server], None], parts: Sequence[Part] = (),
+             close: Callable[[], None] = lambda: None,
+             reuse_port: bool = False) -> tuple[Service, int]:
+    """Build, bind and start a service; returns it and the bound port."""
+    server = _new_server(settings, policy, reuse_port)
+    add_servicers(server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", *services):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    if settings.reflection:
+        reflection.enable_server_reflection(
+            (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port, mode = _bind(server, settings)
+    service = Service(server, health_servicer, services, mode, parts, close)
+    service.start()
+    return service, port
+
+
+def _new_server(settings: ServerSettings, policy: dict[str, str],
+                reuse_port: bool) -> grpc.Server:
     """A sync server with explicit message limits, a bound on concurrent RPCs, and auth.
 
     Past `max_concurrent_rpcs` new calls get RESOURCE_EXHAUSTED at once instead of
-    queueing behind a full thread pool. `policy` maps full method names to roles.
+    queueing behind a full thread pool. `policy` maps full method names to roles. The
+    error boundary is the innermost interceptor, so denied calls never reach it.
     """
     settings.check_security()
-    interceptors = []
+    interceptors: list[grpc.ServerInterceptor] = []
     if settings.tokens_file:
         policy = {**policy, **dict.fromkeys(REFLECTION_METHODS, "viewer")}
         interceptors.append(TokenAuth(load_tokens(Path(settings.tokens_file)), policy))
+    interceptors.append(ErrorBoundary([settings.data_dir]))
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.max_workers,
                                    thread_name_prefix="freshrec-rpc"),
@@ -39,7 +119,7 @@ def new_server(settings: ServerSettings, policy: dict[str, str],
                  ("grpc.so_reuseport", 1 if reuse_port else 0)])
 
 
-def bind(server: grpc.Server, settings: ServerSettings) -> tuple[int, str]:
+def _bind(server: grpc.Server, settings: ServerSettings) -> tuple[int, str]:
     """Listen on settings.host:port (TLS if configured); returns the port and the mode."""
     address = f"{settings.host}:{settings.port}"
     if settings.tls_cert:
@@ -52,17 +132,15 @@ def bind(server: grpc.Server, settings: ServerSettings) -> tuple[int, str]:
     return port, f"{mode}, auth {'on' if settings.tokens_file else 'off'}"
 
 
-def add_health_and_reflection(server: grpc.Server, services: Sequence[str],
-                              with_reflection: bool) -> health.HealthServicer:
-    """Register health (NOT_SERVING until `set_serving`) and, if asked, server reflection."""
-    servicer = health.HealthServicer(experimental_non_blocking=True)
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    for name in ("", *services):
-        servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    if with_reflection:
-        reflection.enable_server_reflection(
-            (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    return servicer
+def pin_native_threads() -> None:
+    """One BLAS and one OpenMP thread per process (process-wide).
+
+    Parallelism comes from concurrent requests (FAISS releases the GIL) and from batching
+    users in the writer; native threads inside one call only spin against the gRPC
+    threads on a 2-core machine.
+    """
+    faiss.omp_set_num_threads(1)
+    threadpool_limits(1, "blas")
 
 
 def configure_logging() -> None:
@@ -70,15 +148,33 @@ def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
 
-def wait_for_signal() -> None:
-    """Block until SIGTERM or SIGINT (the process's cue to drain and exit)."""
+def stop_requested() -> threading.Event:
+    """An event set by SIGTERM or SIGINT (the process's cue to drain and exit)."""
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    stop.wait()
+    return stop
 
 
-def set_serving(servicer: health.HealthServicer, services: Sequence[str]) -> None:
-    """Report SERVING for the server and each service."""
-    for name in ("", *services):
-        servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+def run(name: str, settings: S, open_deps: Callable[[S], D],
+        create_server: Callable[[S, D], tuple[Service, int]], worker: int | None = None) -> int:
+    """The life of one server process: 0 after a clean stop, 2 if it cannot start."""
+    configure_logging()
+    pin_native_threads()
+    log = logging.getLogger(f"freshrec.{name.split()[0]}")
+    try:
+        deps = open_deps(settings)
+    except FailedPrecondition as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+    service, port = create_server(settings, deps)
+    if settings.metrics_port:
+        deps.metrics.serve(settings.metrics_port + (worker or 0), settings.host)
+    who = "" if worker is None else f"worker {worker}, "
+    log.info("%s on %s:%d (%s%s; model %s)", name, settings.host, port, who, service.mode,
+             deps.model_version)
+    stop_requested().wait()
+    log.info("%sshutting down: draining", who)
+    service.stop(settings.grace_s)
+    log.info("%sstopped cleanly", who)
+    return 0

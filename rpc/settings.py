@@ -13,6 +13,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from index.events import Limits
+
 MiB = 1 << 20
 S = TypeVar("S", bound="ServerSettings")
 
@@ -28,7 +30,7 @@ class ServerSettings:
     max_workers: int = 32
     max_concurrent_rpcs: int = 256
     max_message_bytes: int = 4 * MiB
-    max_id_length: int = 128
+    max_id_length: int = Limits.max_id_length
     grace_s: float = 10.0
     tls_cert: str = field(default="", metadata={"help": "PEM certificate chain (enables TLS)"})
     tls_key: str = field(default="", metadata={"help": "PEM private key of --tls-cert"})

@@ -9,11 +9,13 @@ import pytest
 from index import snapshots_dir
 from index.build import BuildReport, build
 from index.catalog import CatalogSnapshot
-from index.datasets import Dataset
 from index.model import AlsParams
 from index.synthetic import synthetic
+from index.tables import Dataset
+from rpc.server import pin_native_threads
 
 SMALL_ALS = AlsParams(factors=32, regularization=0.1, alpha=10.0, iterations=10, seed=0)
+pin_native_threads()  # as the services' entry points do: in-process servers behave alike
 
 
 def _quiet(_: str) -> None:
@@ -30,7 +32,7 @@ def small_dataset() -> Dataset:
 def built(tmp_path_factory: pytest.TempPathFactory, small_dataset: Dataset) -> BuildReport:
     """A data dir with a Flat snapshot and a bootstrapped store (treat as read-only)."""
     data_dir = tmp_path_factory.mktemp("data")
-    report = build(small_dataset, data_dir, SMALL_ALS, "flat", version="small-v1", log=_quiet)
+    report = build(small_dataset, data_dir, SMALL_ALS, index="flat", version="small-v1", log=_quiet)
     return report
 
 

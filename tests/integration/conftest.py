@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
-import os
-import re
 import shutil
-import subprocess
-import sys
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from event_service.config import Settings
 from event_service.server import Deps, create_server, open_deps
+from index import snapshots_dir
+from index.catalog import CatalogSnapshot
+from index.model import AlsParams
+from index.snapshot import IndexSpec, write_snapshot
 from ranking_service.config import Settings as RankingSettings
 from ranking_service.server import create_server as create_ranking_server
 from ranking_service.server import open_deps as open_ranking_deps
@@ -63,12 +64,32 @@ def event_settings(data_dir: Path, **overrides: object) -> Settings:
     return Settings(**{"data_dir": data_dir, "port": 0, "snapshot_poll_s": 0.2, **overrides})
 
 
+def status_of(call: Callable[..., Any], *args: Any, **kwargs: Any) -> grpc.StatusCode:
+    """The status code a call ends with (OK when it succeeds)."""
+    try:
+        call(*args, **kwargs)
+    except grpc.RpcError as error:
+        return error.code()  # type: ignore[no-any-return]
+    return grpc.StatusCode.OK
+
+
+def second_snapshot(data_dir: Path, catalog: CatalogSnapshot, version: str,
+                    spec: IndexSpec | None = None) -> None:
+    """Write the catalog again in another model space (factors reversed), not as CURRENT."""
+    spec = spec or IndexSpec("Flat")
+    rotated = np.asarray(catalog.item_factors)[:, ::-1].copy()
+    write_snapshot(snapshots_dir(data_dir), version, rotated, catalog.item_table(),
+                   catalog.popularity, spec, AlsParams.of(catalog.manifest.als),
+                   make_current=False)
+
+
 class RunningEvents:
     """An in-process event server and a stub to call it."""
 
     def __init__(self, settings: Settings, deps: Deps | None = None) -> None:
         self.settings = settings
-        self.server, self.port = create_server(settings, deps or open_deps(settings))
+        self.deps = deps or open_deps(settings)
+        self.server, self.port = create_server(settings, self.deps)
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
         self.stub = events_pb2_grpc.EventServiceStub(self.channel)
 
@@ -85,38 +106,13 @@ def events(fresh_data_dir: Path) -> Iterator[RunningEvents]:
     running.close()
 
 
-def start_process(module: str, data_dir: Path, *args: str) -> tuple[subprocess.Popen[str], int]:
-    """Start `python -m module` on a free port; returns the process once it is listening."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", module, "--data-dir", str(data_dir), "--port", "0", *args],
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-        env={**os.environ, "PYTHONPATH": os.getcwd()})
-    assert proc.stderr is not None
-    seen = []
-    for line in proc.stderr:
-        seen.append(line)
-        found = re.search(r" on [\d.]+:(\d+) ", line)
-        if found:
-            # Keep draining the log so the server never blocks on a full pipe.
-            threading.Thread(target=proc.stderr.read, daemon=True).start()
-            return proc, int(found.group(1))
-    proc.wait(10)
-    raise RuntimeError(f"{module} did not start: {''.join(seen)}")
-
-
-def stop_process(proc: subprocess.Popen[str]) -> None:
-    """Make sure a started process is gone."""
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(30)
-
-
 class RunningRanking:
     """An in-process ranking server and stubs to call it."""
 
     def __init__(self, settings: RankingSettings) -> None:
         self.settings = settings
-        self.server, self.port = create_ranking_server(settings, open_ranking_deps(settings))
+        self.deps = open_ranking_deps(settings)
+        self.server, self.port = create_ranking_server(settings, self.deps)
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
         self.stub = ranking_pb2_grpc.RankingServiceStub(self.channel)
         self.admin = catalog_pb2_grpc.CatalogServiceStub(self.channel)

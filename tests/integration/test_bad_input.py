@@ -632,7 +632,7 @@ def test_recommend_answers_a_documented_status(
         return
     _check_items(answer.items, k, request.filter, catalog)
     assert answer.model_version == MODEL_VERSION
-    record = ranking_server.server.deps.store.get_user(user_id)
+    record = ranking_server.deps.store.get_user(user_id)
     if record is not None and not include_watched:
         watched = set(record.item_ids) & {item.item_id for item in answer.items}
         assert not watched, f"watched items returned with include_watched=false: {watched}"

@@ -9,21 +9,14 @@ import time
 from pathlib import Path
 
 import grpc
-import numpy as np
 
 from bench import crash
+from bench.services import start_process, stop
 from index import snapshots_dir
 from index.catalog import CatalogSnapshot
-from index.datasets import ItemTable
-from index.snapshot import IndexSpec, current_version, write_snapshot
+from index.snapshot import IndexSpec, current_version
 from recsys.v1 import catalog_pb2, catalog_pb2_grpc, ranking_pb2, ranking_pb2_grpc
-from tests.conftest import SMALL_ALS
-from tests.integration.conftest import (
-    RunningRanking,
-    ranking_settings,
-    start_process,
-    stop_process,
-)
+from tests.integration.conftest import RunningRanking, ranking_settings, second_snapshot
 
 
 def test_kill_9_during_builds_leaves_only_complete_snapshots(fresh_data_dir: Path) -> None:
@@ -41,15 +34,11 @@ def test_kill_9_during_builds_leaves_only_complete_snapshots(fresh_data_dir: Pat
 
 def test_kill_9_during_reloads_restarts_serving_current(fresh_data_dir: Path,
                                                         catalog: CatalogSnapshot) -> None:
-    items = ItemTable(catalog.item_ids, catalog.titles,
-                      [tuple(catalog.genres_of(r)) for r in range(len(catalog))], catalog.years)
-    write_snapshot(snapshots_dir(fresh_data_dir), "small-v2",
-                   np.asarray(catalog.item_factors)[:, ::-1].copy(), items, catalog.popularity,
-                   IndexSpec.preset("hnsw", len(catalog), catalog.dim), SMALL_ALS,
-                   make_current=False)
+    second_snapshot(fresh_data_dir, catalog, "small-v2",
+                    IndexSpec.preset("hnsw", len(catalog), catalog.dim))
     rng = random.Random(4)
     for _ in range(3):
-        proc, port = start_process("ranking_service", fresh_data_dir, "--workers", "1")
+        proc, port = start_process("ranking_service", fresh_data_dir)
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         admin = catalog_pb2_grpc.CatalogServiceStub(channel)
 
@@ -64,16 +53,15 @@ def test_kill_9_during_reloads_restarts_serving_current(fresh_data_dir: Path,
         reloader = threading.Thread(target=reload_forever, daemon=True)
         reloader.start()
         time.sleep(rng.uniform(0.1, 0.6))
-        proc.send_signal(signal.SIGKILL)
-        stop_process(proc)
+        stop([proc], signal.SIGKILL)
         reloader.join(10)
         channel.close()
-    proc, port = start_process("ranking_service", fresh_data_dir, "--workers", "1")
+    proc, port = start_process("ranking_service", fresh_data_dir)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = ranking_pb2_grpc.RankingServiceStub(channel)
             response = stub.Recommend(ranking_pb2.RecommendRequest(user_id="u1", k=5))
     finally:
-        stop_process(proc)
+        stop([proc], signal.SIGKILL)
     assert response.model_version == current_version(snapshots_dir(fresh_data_dir))
     assert len(response.items) == 5

@@ -13,11 +13,12 @@ import grpc
 import pytest
 
 from bench import crash
-from event_service.server import Deps, open_deps
+from bench.services import start_process
+from event_service.server import open_deps
 from index import users_dir
 from index.store import UserStore
 from recsys.v1 import events_pb2, events_pb2_grpc
-from tests.integration.conftest import RunningEvents, event_settings, playback, start_process
+from tests.integration.conftest import RunningEvents, event_settings, playback
 
 
 def test_kill_9_loses_no_acked_event_and_applies_none_twice(fresh_data_dir: Path) -> None:
@@ -65,17 +66,14 @@ class _GatedStore(UserStore):
 
 def test_a_full_queue_answers_resource_exhausted_and_loses_nothing(fresh_data_dir: Path) -> None:
     settings = event_settings(fresh_data_dir, queue_max_events=5, max_batch_events=5)
-    deps = open_deps(settings)
-    deps.store.close()
-    gated = Deps(_GatedStore(users_dir(fresh_data_dir)), deps.catalog, deps.metrics)
-    running = RunningEvents(settings, gated)
+    running = RunningEvents(settings, open_deps(settings, _GatedStore(users_dir(fresh_data_dir))))
     try:
         first = running.stub.Ingest.future(iter([events_pb2.IngestRequest(
             events=[playback(f"q{i}", "u2", "i3") for i in range(5)])]))
         second = running.stub.Ingest.future(iter([events_pb2.IngestRequest(
             events=[playback(f"r{i}", "u2", "i4") for i in range(5)])]))
         deadline = time.monotonic() + 10
-        while running.server.writer.status()["queued_events"] < 5:  # one batch is held
+        while running.deps.writer.status()["queued_events"] < 5:  # one batch is held
             assert time.monotonic() < deadline                      # by the writer
             time.sleep(0.01)
         with pytest.raises(grpc.RpcError) as error:

@@ -14,11 +14,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from index import snapshots_dir, users_dir
 from index.catalog import CatalogSnapshot
-from index.snapshot import IndexSpec, set_current, write_snapshot
+from index.snapshot import set_current
 from index.store import UserStore
 from recsys.v1 import events_pb2
-from tests.conftest import SMALL_ALS
-from tests.integration.conftest import RunningEvents, event_settings, playback
+from tests.integration.conftest import RunningEvents, event_settings, playback, second_snapshot
 
 
 def _stream(requests: list[events_pb2.IngestStreamRequest]
@@ -220,12 +219,10 @@ def test_a_new_snapshot_is_followed_and_users_are_recomputed_when_touched(
     events: RunningEvents, catalog: CatalogSnapshot
 ) -> None:
     root = snapshots_dir(events.settings.data_dir)
-    rotated = np.asarray(catalog.item_factors)[:, ::-1].copy()  # a different model space
-    write_snapshot(root, "small-v2", rotated, _items_of(catalog), catalog.popularity,
-                   IndexSpec("Flat"), SMALL_ALS, make_current=False)
+    second_snapshot(events.settings.data_dir, catalog, "small-v2")  # another model space
     set_current(root, "small-v2")
     deadline = time.monotonic() + 10
-    while events.server.writer.catalog.model_version != "small-v2":
+    while events.deps.writer.catalogs.version != "small-v2":
         assert time.monotonic() < deadline, "the writer did not follow CURRENT"
         time.sleep(0.05)
     events.stub.Track(events_pb2.TrackRequest(event=playback("after-v2", "u20",
@@ -233,14 +230,7 @@ def test_a_new_snapshot_is_followed_and_users_are_recomputed_when_touched(
     user = events.stub.GetUser(events_pb2.GetUserRequest(user_id="u20"))
     assert user.model_version == "small-v2"
     v2 = CatalogSnapshot.load(root, "small-v2")
-    record = events.server.store.get_user("u20")
+    record = events.deps.store.get_user("u20")
     assert record is not None
     expected = v2.fold_in.exact([v2.history(record.item_ids, record.weights)])[0]
     np.testing.assert_allclose(user.vector, expected, atol=1e-5)
-
-
-def _items_of(catalog: CatalogSnapshot):  # type: ignore[no-untyped-def]
-    from index.datasets import ItemTable
-
-    return ItemTable(catalog.item_ids, catalog.titles,
-                     [tuple(catalog.genres_of(r)) for r in range(len(catalog))], catalog.years)

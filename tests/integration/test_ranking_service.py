@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import threading
 import time
 from pathlib import Path
@@ -15,10 +16,11 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
+from bench.services import start_process, stop
 from index import snapshots_dir
 from index.catalog import CatalogSnapshot
-from index.datasets import Dataset, ItemTable
-from index.snapshot import INDEX_FILE, IndexSpec, current_version, write_snapshot
+from index.snapshot import INDEX_FILE, IndexSpec, current_version, set_current, write_snapshot
+from index.tables import Dataset
 from recsys.v1 import catalog_pb2, events_pb2, events_pb2_grpc, ranking_pb2
 from tests.conftest import SMALL_ALS
 from tests.integration.conftest import (
@@ -26,8 +28,7 @@ from tests.integration.conftest import (
     allows,
     playback,
     ranking_settings,
-    start_process,
-    stop_process,
+    second_snapshot,
 )
 
 FILTERS = [
@@ -47,7 +48,7 @@ def _qualifying(catalog: CatalogSnapshot, spec: ranking_pb2.Filter, exclude: set
 
 
 def _watched(ranking: RunningRanking, user: str) -> set[str]:
-    record = ranking.server.deps.store.get_user(user)
+    record = ranking.deps.store.get_user(user)
     assert record is not None
     return set(record.item_ids)
 
@@ -176,31 +177,20 @@ def test_health_and_reflection_list_and_call_both_services(ranking: RunningRanki
                                        {"user_id": "u1"})
             assert user.history_size > 0  # type: ignore[attr-defined]
     finally:
-        stop_process(proc)
-
-
-def _items_of(catalog: CatalogSnapshot) -> ItemTable:
-    return ItemTable(catalog.item_ids, catalog.titles,
-                     [tuple(catalog.genres_of(r)) for r in range(len(catalog))], catalog.years)
-
-
-def _second_snapshot(data_dir: Path, catalog: CatalogSnapshot, version: str) -> None:
-    rotated = np.asarray(catalog.item_factors)[:, ::-1].copy()  # another model space
-    write_snapshot(snapshots_dir(data_dir), version, rotated, _items_of(catalog),
-                   catalog.popularity, IndexSpec("Flat"), SMALL_ALS, make_current=False)
+        stop([proc], signal.SIGKILL)
 
 
 def test_reload_switches_models_and_refuses_bad_ones(ranking: RunningRanking,
                                                      catalog: CatalogSnapshot) -> None:
     data_dir = ranking.settings.data_dir
-    _second_snapshot(data_dir, catalog, "small-v2")
+    second_snapshot(data_dir, catalog, "small-v2")
     info = ranking.admin.ReloadCatalog(catalog_pb2.ReloadCatalogRequest(model_version="small-v2"))
     assert info.model_version == "small-v2" and info.item_count == len(catalog)
     assert current_version(snapshots_dir(data_dir)) == "small-v2"
     # A vector from the old model is recomputed in the new space from the user's history.
     response = ranking.stub.Recommend(ranking_pb2.RecommendRequest(user_id="u3", k=5))
     v2 = CatalogSnapshot.load(snapshots_dir(data_dir), "small-v2")
-    record = ranking.server.deps.store.get_user("u3")
+    record = ranking.deps.store.get_user("u3")
     assert record is not None and record.model_version == catalog.model_version
     vector = v2.fold_in.exact([v2.history(record.item_ids, record.weights)])[0]
     scores = np.asarray(v2.item_factors) @ vector
@@ -223,7 +213,7 @@ def test_reload_switches_models_and_refuses_bad_ones(ranking: RunningRanking,
 
 def test_reload_under_load_fails_no_call(ranking: RunningRanking,
                                          catalog: CatalogSnapshot) -> None:
-    _second_snapshot(ranking.settings.data_dir, catalog, "small-v2")
+    second_snapshot(ranking.settings.data_dir, catalog, "small-v2")
     versions, failures = set(), []
     stop = threading.Event()
 
@@ -253,9 +243,7 @@ def test_reload_under_load_fails_no_call(ranking: RunningRanking,
 
 def test_ranking_follows_current_set_elsewhere(ranking: RunningRanking,
                                                catalog: CatalogSnapshot) -> None:
-    from index.snapshot import set_current
-
-    _second_snapshot(ranking.settings.data_dir, catalog, "small-v3")
+    second_snapshot(ranking.settings.data_dir, catalog, "small-v3")
     set_current(snapshots_dir(ranking.settings.data_dir), "small-v3")
     deadline = time.monotonic() + 10
     while ranking.admin.GetCatalogInfo(catalog_pb2.GetCatalogInfoRequest()).model_version \
@@ -285,7 +273,7 @@ def test_events_in_a_cluster_dominate_the_very_next_recommend(
         after = ranking.stub.Recommend(ranking_pb2.RecommendRequest(user_id=user, k=10))
     finally:
         ranking.close()
-        stop_process(events_proc)
+        stop([events_proc], signal.SIGKILL)
     share = [int(clusters[catalog.item_index[i.item_id]] == target) for i in after.items]
     assert after.user_version == before.user_version + len(burst)
     assert after.source == ranking_pb2.PERSONALIZED
@@ -297,7 +285,7 @@ def test_events_in_a_cluster_dominate_the_very_next_recommend(
 def test_hnsw_catalog_still_honours_narrow_filters(fresh_data_dir: Path,
                                                    catalog: CatalogSnapshot) -> None:
     write_snapshot(snapshots_dir(fresh_data_dir), "small-hnsw", np.asarray(catalog.item_factors),
-                   _items_of(catalog), catalog.popularity,
+                   catalog.item_table(), catalog.popularity,
                    IndexSpec.preset("hnsw", len(catalog), catalog.dim), SMALL_ALS)
     running = RunningRanking(ranking_settings(fresh_data_dir, brute_force_below=0))
     try:

@@ -16,6 +16,7 @@ from tests.integration.conftest import (
     event_settings,
     playback,
     ranking_settings,
+    status_of,
 )
 
 TOKENS = {"viewer": "viewer-token-0123456789", "ingest": "ingest-token-0123456789",
@@ -56,14 +57,6 @@ def _auth(role: str) -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {TOKENS[role]}")]
 
 
-def _code(call, *args, **kwargs) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
-    try:
-        call(*args, **kwargs)
-    except grpc.RpcError as error:
-        return error.code()
-    return grpc.StatusCode.OK
-
-
 def test_ranking_roles_over_tls(fresh_data_dir: Path, pki: Path) -> None:
     running = RunningRanking(ranking_settings(
         fresh_data_dir, tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"),
@@ -75,15 +68,16 @@ def test_ranking_roles_over_tls(fresh_data_dir: Path, pki: Path) -> None:
             admin = catalog_pb2_grpc.CatalogServiceStub(channel)
             request = ranking_pb2.RecommendRequest(user_id="u1", k=3)
             reload = catalog_pb2.ReloadCatalogRequest()
-            assert _code(stub.Recommend, request) == grpc.StatusCode.UNAUTHENTICATED
-            assert _code(stub.Recommend, request, metadata=[
+            assert status_of(stub.Recommend, request) == grpc.StatusCode.UNAUTHENTICATED
+            assert status_of(stub.Recommend, request, metadata=[
                 ("authorization", "Bearer not-a-token")]) == grpc.StatusCode.UNAUTHENTICATED
-            assert _code(stub.Recommend, request, metadata=_auth("viewer")) == grpc.StatusCode.OK
-            assert _code(admin.ReloadCatalog, reload,
-                         metadata=_auth("viewer")) == grpc.StatusCode.PERMISSION_DENIED
-            assert _code(admin.ReloadCatalog, reload,
-                         metadata=_auth("ingest")) == grpc.StatusCode.PERMISSION_DENIED
-            assert _code(admin.ReloadCatalog, reload, metadata=_auth("admin")) == \
+            assert status_of(stub.Recommend, request,
+                             metadata=_auth("viewer")) == grpc.StatusCode.OK
+            assert status_of(admin.ReloadCatalog, reload,
+                             metadata=_auth("viewer")) == grpc.StatusCode.PERMISSION_DENIED
+            assert status_of(admin.ReloadCatalog, reload,
+                             metadata=_auth("ingest")) == grpc.StatusCode.PERMISSION_DENIED
+            assert status_of(admin.ReloadCatalog, reload, metadata=_auth("admin")) == \
                 grpc.StatusCode.OK
             health = health_pb2_grpc.HealthStub(channel)  # stays open to probes
             assert health.Check(health_pb2.HealthCheckRequest()).status == \
@@ -97,15 +91,15 @@ def test_event_writes_need_the_ingest_role(fresh_data_dir: Path, pki: Path) -> N
     try:
         track = events_pb2.TrackRequest(event=playback("sec-1", "u1", "i1"))
         stub = running.stub
-        assert _code(stub.Track, track) == grpc.StatusCode.UNAUTHENTICATED
-        assert _code(stub.Track, track, metadata=_auth("viewer")) == \
+        assert status_of(stub.Track, track) == grpc.StatusCode.UNAUTHENTICATED
+        assert status_of(stub.Track, track, metadata=_auth("viewer")) == \
             grpc.StatusCode.PERMISSION_DENIED
-        assert _code(stub.Track, track, metadata=_auth("ingest")) == grpc.StatusCode.OK
-        assert _code(stub.GetUser, events_pb2.GetUserRequest(user_id="u1"),
-                     metadata=_auth("viewer")) == grpc.StatusCode.OK
+        assert status_of(stub.Track, track, metadata=_auth("ingest")) == grpc.StatusCode.OK
+        assert status_of(stub.GetUser, events_pb2.GetUserRequest(user_id="u1"),
+                         metadata=_auth("viewer")) == grpc.StatusCode.OK
         stream = stub.IngestStream(iter([events_pb2.IngestStreamRequest(sequence=1)]),
                                    metadata=_auth("viewer"))
-        assert _code(list, stream) == grpc.StatusCode.PERMISSION_DENIED
+        assert status_of(list, stream) == grpc.StatusCode.PERMISSION_DENIED
     finally:
         running.close()
 
@@ -118,7 +112,7 @@ def test_mutual_tls_requires_a_client_certificate(fresh_data_dir: Path, pki: Pat
         request = ranking_pb2.RecommendRequest(user_id="u1", k=3)
         with _channel(running.port, pki) as channel:  # handshake fails: no client cert
             stub = ranking_pb2_grpc.RankingServiceStub(channel)
-            assert _code(stub.Recommend, request, timeout=5) == grpc.StatusCode.UNAVAILABLE
+            assert status_of(stub.Recommend, request, timeout=5) == grpc.StatusCode.UNAVAILABLE
         with _channel(running.port, pki, client_cert=True) as channel:
             stub = ranking_pb2_grpc.RankingServiceStub(channel)
             assert len(stub.Recommend(request, timeout=5).items) == 3

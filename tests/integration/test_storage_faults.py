@@ -16,16 +16,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from index import users_dir
 from index.store import UserStore
 from recsys.v1 import events_pb2
-from tests.integration.conftest import RunningEvents, event_settings, playback
+from tests.integration.conftest import RunningEvents, event_settings, playback, status_of
 
 
 def _track(running: RunningEvents, event_id: str) -> grpc.StatusCode:
-    try:
-        running.stub.Track(events_pb2.TrackRequest(event=playback(event_id, "u1", "i5")),
-                           timeout=10)
-    except grpc.RpcError as error:
-        return error.code()
-    return grpc.StatusCode.OK
+    return status_of(running.stub.Track,
+                     events_pb2.TrackRequest(event=playback(event_id, "u1", "i5")), timeout=10)
 
 
 def _serving(running: RunningEvents) -> bool:
@@ -66,7 +62,7 @@ def test_a_store_at_its_size_limit_answers_resource_exhausted_and_acks_nothing(
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert acked > 0 and _serving(running)
         assert running.stub.GetUser(events_pb2.GetUserRequest(user_id="u1")).version > 0
-        assert not any(running.server.store.seen(event_id) for event_id in refused)
+        assert not any(running.deps.store.seen(event_id) for event_id in refused)
     finally:
         running.close()
 
@@ -95,10 +91,10 @@ def test_disk_full_during_commit_is_not_acked_and_the_service_recovers(
     try:
         _, refused, _ = _fill_until_refused(running, 200)
         assert _serving(running)
-        assert not any(running.server.store.seen(event_id) for event_id in refused)
+        assert not any(running.deps.store.seen(event_id) for event_id in refused)
         (small_disk / "filler").unlink()  # space comes back: so does ingest
         assert _track(running, "after-space-freed") == grpc.StatusCode.OK
-        assert running.server.store.seen("after-space-freed")
+        assert running.deps.store.seen("after-space-freed")
     finally:
         running.close()
 

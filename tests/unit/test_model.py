@@ -7,9 +7,9 @@ import pytest
 from implicit.cpu.als import AlternatingLeastSquares
 
 from index.catalog import CatalogSnapshot
-from index.datasets import Dataset
 from index.model import FoldIn, History, confidence_matrix
-from index.store import UserRecord
+from index.tables import Dataset
+from index.user_record import UserRecord
 
 CG_ITERATIONS = 8  # the event service's default
 

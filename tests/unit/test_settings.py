@@ -7,6 +7,9 @@ from pathlib import Path
 import pytest
 
 from event_service.config import Settings as EventSettings
+from event_service.writer import WriterConfig
+from index.events import Limits
+from index.ranking import RankingConfig
 from ranking_service.config import Settings as RankingSettings
 from rpc.security import load_tokens
 
@@ -21,8 +24,14 @@ def test_flags_override_environment_defaults(monkeypatch: pytest.MonkeyPatch) ->
     assert EventSettings.from_args(["--data-dir", "d", "--reflection"]).reflection is True
 
 
+def test_service_defaults_are_the_domain_defaults() -> None:
+    events = EventSettings(data_dir=Path("d"))
+    assert events.writer == WriterConfig() and events.limits == Limits()
+    assert RankingSettings(data_dir=Path("d")).ranking == RankingConfig()
+
+
 def test_bad_settings_are_refused() -> None:
-    with pytest.raises(ValueError, match="fold_in"):
+    with pytest.raises(ValueError, match="fold-in method"):
         EventSettings(data_dir=Path("d"), fold_in="magic")
     with pytest.raises(ValueError, match="fixed --port"):
         RankingSettings(data_dir=Path("d"), port=0, workers=2)

@@ -14,7 +14,6 @@ import pytest
 
 from index import snapshots_dir
 from index.catalog import CatalogSnapshot
-from index.datasets import Dataset
 from index.snapshot import (
     CURRENT,
     FACTORS_FILE,
@@ -26,6 +25,7 @@ from index.snapshot import (
     set_current,
     write_snapshot,
 )
+from index.tables import Dataset
 from tests.conftest import SMALL_ALS
 
 

@@ -1,4 +1,4 @@
-"""The LMDB user store: record format, history rules, dedupe, counts, map growth."""
+"""The LMDB user store: visibility across processes, dedupe, counts, map growth, bootstrap."""
 
 from __future__ import annotations
 
@@ -9,48 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from index import users_dir
 from index.build import BuildReport
 from index.catalog import CatalogSnapshot
-from index.store import UserRecord, UserStore
-
-ids = st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)),
-              min_size=1, max_size=40)
-
-
-@settings(max_examples=200, deadline=None)
-@given(user=ids, dim=st.integers(0, 128), model=st.text(max_size=30),
-       version=st.integers(0, 2**63), items=st.lists(ids, max_size=50, unique=True))
-def test_record_round_trips(user: str, dim: int, model: str, version: int,
-                            items: list[str]) -> None:
-    rng = np.random.default_rng(len(items))
-    record = UserRecord(user, rng.normal(size=dim).astype(np.float32), model, version, 1.5e9,
-                        tuple(items), rng.uniform(size=len(items)).astype(np.float32),
-                        rng.uniform(0, 2e9, len(items)))
-    decoded = UserRecord.decode(user, record.encode())
-    assert decoded.item_ids == record.item_ids
-    assert (decoded.model_version, decoded.version) == (model, version)
-    np.testing.assert_array_equal(decoded.vector, record.vector)
-    np.testing.assert_array_equal(decoded.weights, record.weights)
-    np.testing.assert_array_equal(decoded.last_at, record.last_at)
-
-
-def test_decode_refuses_a_truncated_record() -> None:
-    raw = UserRecord.new("u").with_plays([("a", 1.0, 5.0)], 10).encode()
-    with pytest.raises(ValueError, match="record length"):
-        UserRecord.decode("u", raw[:-1])
-
-
-def test_history_accumulates_repeats_and_keeps_the_most_recent() -> None:
-    record = UserRecord.new("u").with_plays(
-        [("a", 0.5, 10.0), ("b", 1.0, 20.0), ("a", 0.25, 30.0), ("c", 1.0, 5.0)], max_history=2)
-    assert record.version == 4
-    assert record.recent_item_ids() == ["a", "b"]
-    assert dict(zip(record.item_ids, record.weights.tolist(), strict=True)) == {"a": 0.75,
-                                                                                 "b": 1.0}
+from index.store import DEFAULT_ITEM_HALF_LIFE_S, UserStore
+from index.user_record import UserRecord
 
 
 def test_writes_are_visible_to_a_read_only_env_in_another_process(tmp_path: Path) -> None:
@@ -76,11 +40,19 @@ def test_seen_events_dedupe_and_prune_by_age(tmp_path: Path) -> None:
     assert store.count("seen") == store.count("seen_by_time") == 5
 
 
-def test_item_counts_decay_with_half_life(tmp_path: Path) -> None:
-    store = UserStore(tmp_path / "db")
-    store.transact(lambda w: w.add_item_count("x", 1.0, at=0.0, half_life=10.0))
-    store.transact(lambda w: w.add_item_count("x", 1.0, at=10.0, half_life=10.0))
-    assert store.item_counts(now=20.0, half_life=10.0)["x"] == pytest.approx(0.75)
+def test_item_counts_decay_with_the_half_life_kept_in_the_store(tmp_path: Path) -> None:
+    with UserStore(tmp_path / "db") as store:
+        assert store.item_half_life() == DEFAULT_ITEM_HALF_LIFE_S
+        store.transact(lambda w: w.set_item_half_life(10.0))
+        store.transact(lambda w: w.add_item_count("x", 1.0, at=0.0))
+        store.transact(lambda w: w.add_item_count("x", 1.0, at=10.0))
+        assert store.item_counts(now=20.0)["x"] == pytest.approx(0.75)
+        with pytest.raises(ValueError, match="half-life"):
+            store.transact(lambda w: w.set_item_half_life(0.0))
+    # A reader (the ranking service) decays them with the writer's value, not its own.
+    with UserStore(tmp_path / "db", readonly=True) as reader:
+        assert reader.item_half_life() == 10.0
+        assert reader.item_counts(now=30.0)["x"] == pytest.approx(0.375)
 
 
 def test_rejected_events_are_kept_newest_first(tmp_path: Path) -> None:
