@@ -778,6 +778,8 @@ def test_reload_catalog_refuses_hostile_versions_and_keeps_serving(
         assert after.model_version == before.model_version
         assert after.loaded_at == before.loaded_at, "a refused reload swapped the catalog"
         assert current.read_text(encoding="utf-8") == named, "a refused reload moved CURRENT"
+        data_dir = ranking_server.settings.data_dir
+        assert str(data_dir) not in info and str(data_dir.resolve()) not in info, info
     assert after.model_version == MODEL_VERSION
 
 

@@ -300,3 +300,23 @@ def test_hnsw_catalog_still_honours_narrow_filters(fresh_data_dir: Path,
             assert len(similar.items) == min(20, _qualifying(catalog, spec, {"i3"}))
     finally:
         running.close()
+
+
+def test_trending_decays_with_the_half_life_the_event_service_keeps(
+    fresh_data_dir: Path, catalog: CatalogSnapshot
+) -> None:
+    events, port = start_process("event_service", fresh_data_dir, "--item-half-life-s", "0.25")
+    ranking = RunningRanking(ranking_settings(fresh_data_dir))
+    try:
+        item = catalog.item_ids[11]
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            events_pb2_grpc.EventServiceStub(channel).Track(
+                events_pb2.TrackRequest(event=playback("half-life-1", "u1", item)))
+        time.sleep(1.0)  # four half-lives
+        ranking.deps.ranker.refresh_trending()
+        count = ranking.deps.ranker.live.trending[catalog.item_index[item]]
+        assert ranking.deps.store.item_half_life() == 0.25
+        assert 0 < count <= 0.5 ** 4  # a ranker decaying by its own day-long default: ~1.0
+    finally:
+        ranking.close()
+        stop([events], signal.SIGKILL)

@@ -47,6 +47,9 @@ def _fill_until_refused(running: RunningEvents,
         except grpc.RpcError as error:
             assert error.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED,
                                     grpc.StatusCode.UNAVAILABLE), error
+            data_dir = running.settings.data_dir
+            assert str(data_dir) not in error.details(), "the server's path reached the client"
+            assert str(data_dir.resolve()) not in error.details()
             return batch * 500, ids, error.code()
     raise AssertionError("the store never filled up")
 
