@@ -41,7 +41,9 @@ import grpc
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from bench.report import save_figure
 from bench.services import start_process, stop
+from index.files import atomic_write
 from index.model import AlsParams
 from index.movielens import load_movielens_100k
 from index.tables import Interactions
@@ -291,16 +293,15 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_title(f"MovieLens-100K replay, {result['scored_events']:,} events")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def write(result: dict[str, Any], table: str, out: Path) -> Path:
     """Write the JSON, Markdown and PNG files; returns the path stem."""
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"eval-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(table)
+    atomic_write(stem.with_suffix(".json"), (json.dumps(result, indent=2) + "\n").encode())
+    atomic_write(stem.with_suffix(".md"), table.encode())
     plot(result, stem.with_suffix(".png"))
     return stem
 

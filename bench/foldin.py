@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
+from index.files import atomic_write
 from index.model import AlsParams, FoldIn, History, confidence_matrix, train_als
 from index.synthetic import synthetic
 
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {"config": vars(args) | {"json": str(args.json)}, "factors": "als-on-synthetic",
                   "als": als.as_dict(), "by_blas_threads": runs,
                   "largest_median_change": {"change": change, "where": where}}
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write(args.json, (json.dumps(report, indent=2) + "\n").encode())
     return 0
 
 

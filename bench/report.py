@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from index.files import atomic_write
 
 
 def without_samples(value: Any) -> Any:
@@ -82,5 +85,14 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
+
+
+def save_figure(fig: Any, path: Path, dpi: int) -> None:
+    """Write a matplotlib figure as PNG (atomically, as every file written here) and close it."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
     plt.close(fig)
+    atomic_write(path, buffer.getvalue())

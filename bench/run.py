@@ -30,6 +30,7 @@ from bench import freshness, ingest, load, report
 from bench.services import start_process, stop
 from index import snapshots_dir, users_dir
 from index.catalog import CatalogSnapshot
+from index.files import atomic_write
 from index.store import UserStore
 from recsys.v1 import events_pb2_grpc
 
@@ -141,10 +142,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     table = report.markdown(results)
     print(table)
-    (args.out / f"{stamp}.md").write_text(table)
+    atomic_write(args.out / f"{stamp}.md", table.encode())
     report.plot(results, args.out / f"{stamp}.png")
-    (args.out / f"{stamp}.json").write_text(json.dumps(report.without_samples(results),
-                                                       indent=2))
+    atomic_write(args.out / f"{stamp}.json",
+                 json.dumps(report.without_samples(results), indent=2).encode())
     print(f"wrote {args.out / stamp}.{{json,md,png}}", file=sys.stderr)
 
 

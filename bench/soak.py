@@ -164,14 +164,19 @@ def run(data_dir: Path, minutes: float, rate: float, clients: int, reload_s: flo
         finally:
             load.stop.set()
             stop([ranking, events])
+    return _report(minutes, len(users), load, series,
+                   {"event_service": events.pid, "ranking": process_tree(ranking.pid)})
+
+
+def _report(minutes: float, users: int, load: Load, series: list[dict[int, dict[str, int]]],
+            pids: dict[str, Any]) -> dict[str, Any]:
+    """The figures, judged from the end of the warm-up (a fifth of the run) to the end."""
     start, end = series[len(series) // 5], series[-1]
     growth = {pid: {k: round(end[pid][k] / max(start[pid][k], 1), 3) for k in start[pid]}
               for pid in start}
     flat = all(g[k] <= 1.10 for g in growth.values() for k in ("rss_anon_kib", "open_files"))
-    return {"minutes": minutes, "users": len(users), "calls": load.calls,
-            "errors": load.errors, "pids": {"event_service": events.pid,
-                                            "ranking": process_tree(ranking.pid)},
-            "after_warm_up": start, "end": end, "end_over_warm_up": growth,
+    return {"minutes": minutes, "users": users, "calls": load.calls, "errors": load.errors,
+            "pids": pids, "after_warm_up": start, "end": end, "end_over_warm_up": growth,
             "series_rss_anon_kib": {pid: [s[pid]["rss_anon_kib"] for s in series]
                                     for pid in start},
             "passed": flat and not load.errors}

@@ -76,13 +76,17 @@ def _settings(rpc: str) -> Any:
 # -- servers and helpers ---------------------------------------------------------------------
 
 
+def _copy(tmp_path_factory: pytest.TempPathFactory, data_dir: Path, name: str) -> Path:
+    target = tmp_path_factory.mktemp(name) / "data"
+    shutil.copytree(data_dir, target)
+    return target
+
+
 @pytest.fixture(scope="module")
 def events_server(tmp_path_factory: pytest.TempPathFactory,
                   data_dir: Path) -> Iterator[RunningEvents]:
     """One event server for the module, over its own copy of the data dir."""
-    target = tmp_path_factory.mktemp("bad-input-events") / "data"
-    shutil.copytree(data_dir, target)
-    running = RunningEvents(event_settings(target))
+    running = RunningEvents(event_settings(_copy(tmp_path_factory, data_dir, "bad-events")))
     yield running
     running.close()
 
@@ -91,9 +95,7 @@ def events_server(tmp_path_factory: pytest.TempPathFactory,
 def ranking_server(tmp_path_factory: pytest.TempPathFactory,
                    data_dir: Path) -> Iterator[RunningRanking]:
     """One ranking server for the module, over another copy of the data dir."""
-    target = tmp_path_factory.mktemp("bad-input-ranking") / "data"
-    shutil.copytree(data_dir, target)
-    running = RunningRanking(ranking_settings(target))
+    running = RunningRanking(ranking_settings(_copy(tmp_path_factory, data_dir, "bad-ranking")))
     yield running
     running.close()
 

@@ -43,6 +43,14 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
+def _refused_at(loader: Callable[[Path], object], path: Path, line: int, fragment: str) -> None:
+    """The loader refuses the file with a message naming it, the line and the problem."""
+    with pytest.raises(DatasetError) as caught:
+        loader(path)
+    assert f"{path} line {line}: " in str(caught.value)
+    assert fragment in str(caught.value)
+
+
 @pytest.fixture(autouse=True)
 def no_pip(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fail any test that would run pip for real: tests never touch the network."""
@@ -110,11 +118,8 @@ def test_interactions_csv_errors_name_file_and_line(
     tmp_path: Path, body: str, line: int, fragment: str
 ) -> None:
     """Each bad row is reported with the file, its line and what is wrong."""
-    path = write(tmp_path / "interactions.csv", INTER_HEADER + body)
-    with pytest.raises(DatasetError) as caught:
-        load_interactions_csv(path)
-    assert f"{path} line {line}: " in str(caught.value)
-    assert fragment in str(caught.value)
+    _refused_at(load_interactions_csv, write(tmp_path / "interactions.csv", INTER_HEADER + body),
+                line, fragment)
 
 
 def test_interactions_csv_line_numbers_count_multiline_records(tmp_path: Path) -> None:
@@ -234,11 +239,8 @@ def test_items_csv_errors_name_file_and_line(
     tmp_path: Path, body: str, line: int, fragment: str
 ) -> None:
     """Each bad item row is reported with the file, its line and what is wrong."""
-    path = write(tmp_path / "items.csv", ITEMS_HEADER + body)
-    with pytest.raises(DatasetError) as caught:
-        load_items_csv(path)
-    assert f"{path} line {line}: " in str(caught.value)
-    assert fragment in str(caught.value)
+    _refused_at(load_items_csv, write(tmp_path / "items.csv", ITEMS_HEADER + body), line,
+                fragment)
 
 
 def test_items_csv_wrong_header(tmp_path: Path) -> None:

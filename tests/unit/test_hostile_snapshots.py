@@ -702,14 +702,3 @@ def test_random_damage_to_the_manifest_is_refused_or_harmless(
         else:
             _set(*what)(version)
         _check(root, [version / MANIFEST, *(version / n for n in DATA_FILES)], must_refuse=())
-
-
-# How many hostile snapshots this module tries on each run: every parametrized case is one
-# damaged snapshot (the symlink-loop cases two: a loop, then a dangling link), plus the
-# hypothesis examples (at most: a failing property stops at its first failure). 386 when
-# this was written: 226 fixed cases and 160 hypothesis examples.
-HOSTILE_FILES_TRIED = (
-    len(DATA_CASES) + len(MANIFEST_CASES) + len(CURRENT_NAMES) + len(BAD_VERSIONS)
-    + 3  # CURRENT naming a symlink outside, a version dir symlinked outside, CURRENT a symlink
-    + len(SYMLINKED_FILES) + 2 * len(LOOPED_FILES) + len(DIRECTORY_FILES) + len(INDEX_CASES)
-    + sum(HYPOTHESIS_EXAMPLES.values()))
