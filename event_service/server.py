@@ -50,7 +50,9 @@ def to_event(message: events_pb2.PlaybackEvent) -> Event:
 
 
 @dataclass
-class _Batch:
+class _InFlight:
+    """A stream's batch, submitted, waiting for its ack."""
+
     submission: Submission
     sequence: int
 
@@ -134,7 +136,7 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
             for request in requests:
                 submission = self._submission(request.events)
                 self.writer.submit(submission, block=True, still_wanted=context.is_active)
-                if not put(_Batch(submission, request.sequence)):
+                if not put(_InFlight(submission, request.sequence)):
                     return
             put(_END)
         except grpc.RpcError:

@@ -103,7 +103,8 @@ class Writer:
 
     def start(self) -> None:
         """Record the item half-life with the data, then start the writer thread."""
-        self.store.transact(lambda w: w.set_item_half_life(self.config.item_half_life_s))
+        if self.store.item_half_life() != self.config.item_half_life_s:
+            self.store.transact(lambda w: w.set_item_half_life(self.config.item_half_life_s))
         self.metrics.model_version.labels(self.catalogs.version).set(1)
         self._thread = threading.Thread(target=self._run, name="freshrec-writer", daemon=True)
         self._thread.start()

@@ -103,16 +103,14 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             user_version=version, model_version=catalog.model_version)
 
 
-SERVER_ID = f"{socket.gethostname()}:{os.getpid()}"
-
-
 def catalog_info(catalog: CatalogSnapshot) -> catalog_pb2.CatalogInfo:
     """The CatalogInfo message of a snapshot, as served by this process."""
     loaded = Timestamp()
     loaded.FromNanoseconds(int(catalog.loaded_at * 1e9))
     return catalog_pb2.CatalogInfo(model_version=catalog.model_version, dimension=catalog.dim,
                                    item_count=len(catalog), index_type=catalog.manifest.index_type,
-                                   loaded_at=loaded, server_id=SERVER_ID)
+                                   loaded_at=loaded,
+                                   server_id=f"{socket.gethostname()}:{os.getpid()}")
 
 
 class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
