@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from event_service.config import Settings
@@ -11,7 +12,8 @@ from rpc.server import run
 
 def main(argv: list[str] | None = None) -> int:
     """Run the event service in the foreground; exit 0 after a clean shutdown."""
-    return run("event service", Settings.from_args(argv), open_deps, create_server)
+    return run("event service", logging.getLogger("freshrec.events"), Settings.from_args(argv),
+               open_deps, create_server)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ log = logging.getLogger("freshrec.ranking")
 
 def serve(settings: Settings, worker: int = 0) -> int:
     """Run one server process in the foreground; exit 0 after a clean shutdown."""
-    return run("ranking service", settings, open_deps, create_server, worker)
+    return run("ranking service", log, settings, open_deps, create_server, worker)
 
 
 def _worker(settings: Settings, worker: int) -> None:

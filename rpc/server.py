@@ -156,12 +156,11 @@ def stop_requested() -> threading.Event:
     return stop
 
 
-def run(name: str, settings: S, open_deps: Callable[[S], D],
+def run(name: str, log: logging.Logger, settings: S, open_deps: Callable[[S], D],
         create_server: Callable[[S, D], tuple[Service, int]], worker: int | None = None) -> int:
     """The life of one server process: 0 after a clean stop, 2 if it cannot start."""
     configure_logging()
     pin_native_threads()
-    log = logging.getLogger(f"freshrec.{name.split()[0]}")
     try:
         deps = open_deps(settings)
     except FailedPrecondition as exc:
@@ -170,11 +169,12 @@ def run(name: str, settings: S, open_deps: Callable[[S], D],
     service, port = create_server(settings, deps)
     if settings.metrics_port:
         deps.metrics.serve(settings.metrics_port + (worker or 0), settings.host)
-    who = "" if worker is None else f"worker {worker}, "
-    log.info("%s on %s:%d (%s%s; model %s)", name, settings.host, port, who, service.mode,
-             deps.model_version)
+    worker_of = "" if worker is None else f"worker {worker}, "
+    log.info("%s on %s:%d (%s%s; model %s)", name, settings.host, port, worker_of,
+             service.mode, deps.model_version)
     stop_requested().wait()
-    log.info("%sshutting down: draining", who)
+    who = name if worker is None else f"{name} worker {worker}"
+    log.info("%s: shutting down, draining calls in flight", who)
     service.stop(settings.grace_s)
-    log.info("%sstopped cleanly", who)
+    log.info("%s: stopped cleanly", who)
     return 0
