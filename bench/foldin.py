@@ -1,52 +1,48 @@
-"""Fold-in benchmark: exact solve vs warm-started CG, batched and single-user.
+"""Fold-in benchmark: the writer's cost per user-event, re-solving vs stored statistics.
 
-Run as ``python -m bench.foldin [--dim 64] [--histories 50,500] [--users 256] [--json PATH]``.
+Run as ``python -m bench.foldin [--dim 64] [--histories 8,16,32,64,128,500] [--users 256]
+[--json PATH]``.
 
 Item factors are real ALS factors, not iid Gaussian: `index.model.train_als` is fitted (not
-timed) on ``index.synthetic.synthetic(--items, seed=--seed)``, a log with planted taste
-clusters and Zipf-skewed plays, with ``AlsParams(factors=--dim)``. The fold-in uses that
-model's regularization and alpha, so its Gram matrix looks like the one served.
+timed) on ``index.synthetic.synthetic(--items, seed=--seed)``. For each history length L,
+``--users`` users get a record of L distinct items (decay on, half-life 60 s), then one new
+play each (a repeat of a history item one time in three, as in a session), and the two
+paths of `index.apply` are timed end to end on that group, from the stored bytes to the
+bytes to store:
 
-For each history length L, ``--users`` histories of L distinct uniformly drawn items with
-weights uniform in [0.1, 1] are built, then timed with `time.perf_counter` after one
-warm-up call of each kind:
+* re-solve: decode the record, merge the play, `FoldIn.exact` over the whole history
+  (batched over the group), encode;
+* statistics: decode record and statistics, merge, update the statistics by rank-1
+  terms, `FoldIn.from_stats` (batched), encode both.
 
-* exact batch: `FoldIn.exact` on the whole batch;
-* CG batch: `FoldIn.cg` on the batch, warm-started from the exact vector of each history
-  without its last item (one new event: the services' hot path), ``--cg-iterations`` steps;
-* exact single / CG single: the same for a batch of one user; each repeat times
-  ``SINGLE_CALLS`` different users, one call each.
-
-Figures are microseconds per user (call time / users in the call), median and p90 over all
-timed calls. ``cg err`` is max |CG - exact| over the batch; ``start err`` is the same for the
-warm start (how far one event moves the vector), so CG helped if cg err << start err.
-Everything runs with BLAS pinned to one thread (threadpoolctl), then again with the BLAS
-default; that second table is printed only if some median differs by more than 15%.
+Figures are microseconds per user-event (group time / users), median and p90 over
+``--repeats`` groups, with BLAS pinned to one thread as in the services; also the bytes
+stored per user on each path. `index.apply.FoldInPolicy.stats_min_history` is the
+shortest history where statistics win.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from threadpoolctl import threadpool_info, threadpool_limits
+from threadpoolctl import threadpool_limits
 
 from index.files import atomic_write
 from index.model import AlsParams, FoldIn, History, confidence_matrix, train_als
 from index.synthetic import synthetic
+from index.user_record import UserRecord
+from index.user_stats import UserStats
 
-SINGLE_CALLS = 32  # single-user calls timed per repeat
-DIFFERS = 0.15  # relative change of a median that counts as meaningful
-MODES = ("exact_batch", "cg_batch", "exact_single", "cg_single")
+HALF_LIFE_S = 60.0
 Result = dict[str, Any]
+Group = list[tuple[bytes, bytes, tuple[str, float, float]]]  # record, stats, the new play
 
 
 def als_item_factors(n_items: int, dim: int, seed: int) -> tuple[np.ndarray, AlsParams]:
@@ -61,115 +57,110 @@ def als_item_factors(n_items: int, dim: int, seed: int) -> tuple[np.ndarray, Als
     return train_als(matrix, params)[1], params
 
 
-def make_histories(rng: np.random.Generator, n_items: int, users: int, length: int
-                   ) -> list[History]:
-    """`users` histories of `length` distinct items with weights in [0.1, 1]."""
-    return [History(rng.choice(n_items, length, replace=False).astype(np.int64),
-                    rng.uniform(0.1, 1.0, length).astype(np.float32)) for _ in range(users)]
+def make_group(rng: np.random.Generator, factors: np.ndarray, row_of: dict[str, int],
+               users: int, length: int) -> Group:
+    """Stored users with `length` items each, and the play each receives next."""
+    group = []
+    for u in range(users):
+        items = [f"i{r}" for r in rng.choice(len(factors), length + 1, replace=False)]
+        plays = [(item, float(rng.uniform(0.1, 1.0)), float(t))
+                 for t, item in enumerate(items[:-1])]
+        record = UserRecord.new(f"u{u}").under("bench", row_of, HALF_LIFE_S)
+        record, _ = record.with_plays(plays, row_of)
+        nxt = items[:-1][int(rng.integers(length))] if rng.random() < 1 / 3 else items[-1]
+        group.append((record.encode(), UserStats.build(record, factors).encode(),
+                      (nxt, 1.0, float(length + 1))))
+    return group
 
 
-def _per_user_seconds(call: Callable[[], object], users: int) -> float:
-    start = time.perf_counter()
-    call()
-    return (time.perf_counter() - start) / users
+def resolve_path(fold: FoldIn, row_of: dict[str, int], group: Group) -> int:
+    """Decode, merge, re-solve over the history, encode: bytes written."""
+    records = [UserRecord.decode("u", raw).with_plays([play], row_of)[0]
+               for raw, _, play in group]
+    fold.exact([History(*r.known()) for r in records])
+    return sum(len(r.encode()) for r in records)
 
 
-def measure(fold: FoldIn, batch: list[History], repeats: int, iterations: int) -> Result:
-    """Time the four fold-in kinds on `batch`; errors of CG and of its warm start."""
-    exact = fold.exact(batch)
-    starts = fold.exact([History(h.items[:-1], h.weights[:-1]) for h in batch])
-    cg_err = float(np.abs(fold.cg(batch, starts, iterations) - exact).max())
-    one = range(min(SINGLE_CALLS, len(batch)))
-    plan: dict[str, list[tuple[Callable[[], object], int]]] = {
-        "exact_batch": [(partial(fold.exact, batch), len(batch))],
-        "cg_batch": [(partial(fold.cg, batch, starts, iterations), len(batch))],
-        "exact_single": [(partial(fold.exact, batch[i:i + 1]), 1) for i in one],
-        "cg_single": [(partial(fold.cg, batch[i:i + 1], starts[i:i + 1], iterations), 1)
-                      for i in one],
-    }
-    for calls in plan.values():
-        calls[0][0]()  # warm-up
-    samples: dict[str, list[float]] = {mode: [] for mode in MODES}
-    for _ in range(repeats):  # kinds interleaved, so drift hits them alike
-        for mode, calls in plan.items():
-            samples[mode].extend(_per_user_seconds(call, n) for call, n in calls)
-    result: Result = {"history": len(batch[0].items), "cg_max_abs_diff": cg_err,
-                      "start_max_abs_diff": float(np.abs(starts - exact).max())}
-    for mode, values in samples.items():
-        us = np.array(values) * 1e6
-        result[mode] = {"median_us": float(np.median(us)), "p90_us": float(np.percentile(us, 90)),
-                        "calls": len(us)}
+def stats_path(fold: FoldIn, factors: np.ndarray, row_of: dict[str, int], group: Group) -> int:
+    """Decode both, merge, rank-1 update, solve from the statistics, encode both."""
+    merged = []
+    for raw, raw_stats, play in group:
+        record, change = UserRecord.decode("u", raw).with_plays([play], row_of)
+        merged.append((record, UserStats.decode("u", raw_stats).updated(record, change,
+                                                                        factors)))
+    fold.from_stats([s for _, s in merged])
+    return sum(len(r.encode()) + len(s.encode()) for r, s in merged)
+
+
+def _timed(work: Callable[[], int], users: int, repeats: int) -> tuple[list[float], int]:
+    work()  # warm-up
+    samples, written = [], 0
+    for _ in range(repeats):
+        started = time.perf_counter()
+        written = work()
+        samples.append((time.perf_counter() - started) / users * 1e6)
+    return samples, written // users
+
+
+def measure(fold: FoldIn, factors: np.ndarray, row_of: dict[str, int], group: Group,
+            repeats: int) -> Result:
+    """Both paths on one group, interleaved so that drift hits them alike."""
+    runs = {"resolve": lambda: resolve_path(fold, row_of, group),
+            "stats": lambda: stats_path(fold, factors, row_of, group)}
+    result: Result = {"history": UserRecord.decode("u", group[0][0]).rows.size}
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, work in runs.items():
+            values, result[f"{name}_bytes_per_user"] = _timed(work, len(group), 1)
+            samples[name] += values
+    for name, values in samples.items():
+        result[name] = {"median_us": float(np.median(values)),
+                        "p90_us": float(np.percentile(values, 90))}
     return result
 
 
 def table(results: list[Result]) -> str:
-    """Markdown table of per-user times (median / p90, microseconds) and CG errors."""
-    lines = ["| history | exact batch | CG batch | exact single | CG single | cg err | start err |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+    """Markdown: microseconds per user-event and bytes per user, on both paths."""
+    lines = ["| history | re-solve (us, median / p90) | statistics (us) | record bytes "
+             "| record + statistics bytes |", "|---:|---:|---:|---:|---:|"]
     for r in results:
-        cells = [f"{r[m]['median_us']:.1f} / {r[m]['p90_us']:.1f}" for m in MODES]
-        lines.append(f"| {r['history']} | {' | '.join(cells)} | {r['cg_max_abs_diff']:.2e} "
-                     f"| {r['start_max_abs_diff']:.2e} |")
+        lines.append(f"| {r['history']} | {r['resolve']['median_us']:.1f} / "
+                     f"{r['resolve']['p90_us']:.1f} | {r['stats']['median_us']:.1f} / "
+                     f"{r['stats']['p90_us']:.1f} | {r['resolve_bytes_per_user']:,} "
+                     f"| {r['stats_bytes_per_user']:,} |")
     return "\n".join(lines)
 
 
-def largest_change(pinned: list[Result], free: list[Result]) -> tuple[float, str]:
-    """The signed relative change of the median that moved most without the pin, and where."""
-    changes = [(f[m]["median_us"] / p[m]["median_us"] - 1, f"{m}, history {p['history']}")
-               for p, f in zip(pinned, free, strict=True) for m in MODES]
-    return max(changes, key=lambda c: abs(c[0]))
-
-
-def _parser() -> argparse.ArgumentParser:
+def main(argv: list[str] | None = None) -> int:
+    """Fit the factors, time both paths per history length, print (and save) the table."""
     p = argparse.ArgumentParser(prog="python -m bench.foldin", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--histories", default="50,500", help="comma-separated history lengths")
-    p.add_argument("--users", type=int, default=256, help="batch size")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--cg-iterations", type=int, default=8)
+    p.add_argument("--histories", default="8,16,32,64,128,500")
+    p.add_argument("--users", type=int, default=256, help="users per group")
+    p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--items", type=int, default=20_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write the results here")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Fit the factors, run the benchmark pinned and unpinned, print (and save) the results."""
-    args = _parser().parse_args(argv)
+    args = p.parse_args(argv)
     lengths = [int(x) for x in args.histories.split(",")]
-    if args.users < 1 or args.repeats < 1 or not all(1 < n <= args.items for n in lengths):
-        print("error: need --users, --repeats >= 1 and 1 < history <= --items", file=sys.stderr)
+    if args.users < 1 or args.repeats < 1 or not all(0 < n < args.items for n in lengths):
+        print("error: need --users, --repeats >= 1 and 0 < history < --items", file=sys.stderr)
         return 2
     factors, als = als_item_factors(args.items, args.dim, args.seed)
     fold = FoldIn(factors, als.regularization, als.alpha)
+    row_of = {f"i{r}": r for r in range(len(factors))}
     rng = np.random.default_rng(args.seed)
-    batches = [make_histories(rng, args.items, args.users, n) for n in lengths]
-    default_threads = max((i["num_threads"] for i in threadpool_info()
-                           if i["user_api"] == "blas"), default=1)
-    runs: dict[str, list[Result]] = {}
-    for threads in sorted({1, default_threads}):
-        # threadpool_limits applies its limit when constructed, so build it inside the loop.
-        with threadpool_limits(1, "blas") if threads == 1 else contextlib.nullcontext():
-            runs[str(threads)] = [measure(fold, b, args.repeats, args.cg_iterations)
-                                  for b in batches]
-    pinned, free = runs["1"], runs[str(default_threads)]
-    change, where = largest_change(pinned, free)
-    print(f"fold-in, d={args.dim}, ALS item factors on synthetic({args.items}), "
-          f"batch {args.users} users, {args.repeats} repeats, CG {args.cg_iterations} steps; "
-          "microseconds per user, median / p90\n\nBLAS threads: 1\n\n" + table(pinned))
-    if default_threads == 1:
-        print("\nBLAS default is 1 thread: no second run needed.")
-    elif abs(change) > DIFFERS:
-        print(f"\nBLAS threads: {default_threads} (the default; largest change of a median: "
-              f"{change:+.0%}, {where})\n\n" + table(free))
-    else:
-        print(f"\nBLAS default ({default_threads} threads): no median moved by more than "
-              f"{DIFFERS:.0%} (largest {change:+.0%}, {where}).")
+    with threadpool_limits(1, "blas"):
+        results = [measure(fold, factors, row_of,
+                           make_group(rng, factors, row_of, args.users, n), args.repeats)
+                   for n in lengths]
+    print(f"writer cost per user-event, d={args.dim}, ALS item factors on "
+          f"synthetic({args.items}), groups of {args.users} users, {args.repeats} repeats, "
+          f"BLAS 1 thread\n\n" + table(results))
     if args.json is not None:
-        report = {"config": vars(args) | {"json": str(args.json)}, "factors": "als-on-synthetic",
-                  "als": als.as_dict(), "by_blas_threads": runs,
-                  "largest_median_change": {"change": change, "where": where}}
+        report = {"config": vars(args) | {"json": str(args.json)}, "als": als.as_dict(),
+                  "results": results}
         atomic_write(args.json, (json.dumps(report, indent=2) + "\n").encode())
     return 0
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from event_service.writer import WriterConfig
-from index.apply import FOLD_IN_METHODS, FoldInPolicy
+from index.apply import FoldInPolicy
 from index.events import EventWeights, Limits
 from index.store import DEFAULT_MAP_SIZE, MAX_MAP_SIZE
 from rpc.settings import MiB, ServerSettings
@@ -30,17 +30,18 @@ class Settings(ServerSettings):
     group_max_events: int = WriterConfig.group_max_events
     group_window_ms: float = WriterConfig.group_window_s * 1000
     stream_max_inflight: int = 256
-    fold_in: str = field(default=FoldInPolicy.method, metadata={
-        "help": f"one of {', '.join(FOLD_IN_METHODS)} (cg is warm-started)"})
-    cg_iterations: int = FoldInPolicy.cg_iterations
-    cg_min_users: int = field(default=FoldInPolicy.cg_min_users, metadata={
-        "help": "groups with fewer warm users are solved exactly (cheaper there)"})
     max_history: int = FoldInPolicy.max_history
+    stats_min_history: int = field(default=FoldInPolicy.stats_min_history, metadata={
+        "help": "users with this many known items keep fold-in statistics (O(d^2) updates)"})
+    stats_rebuild_every: int = field(default=FoldInPolicy.stats_rebuild_every, metadata={
+        "help": "rebuild a user's statistics from the history after this many updates"})
     dedupe_retention_s: float = WriterConfig.dedupe_retention_s
     item_half_life_s: float = field(default=WriterConfig.item_half_life_s, metadata={
         "help": "half-life of the item play counts; kept in the store, where the ranking "
                 "service reads it"})
     snapshot_poll_s: float = WriterConfig.snapshot_poll_s
+    refold_per_s: float = field(default=WriterConfig.refold_per_s, metadata={
+        "help": "after a model change, users re-folded per second in the background"})
     store_map_bytes: int = field(default=DEFAULT_MAP_SIZE, metadata={
         "help": "initial LMDB map size (virtual; the file grows as used)"})
     store_max_bytes: int = field(default=MAX_MAP_SIZE, metadata={
@@ -67,8 +68,10 @@ class Settings(ServerSettings):
         return WriterConfig(
             weights=EventWeights(start=self.weight_start, progress=self.weight_progress,
                                  complete=self.weight_complete),
-            policy=FoldInPolicy(method=self.fold_in, cg_iterations=self.cg_iterations,
-                                cg_min_users=self.cg_min_users, max_history=self.max_history),
+            policy=FoldInPolicy(max_history=self.max_history,
+                                stats_min_history=self.stats_min_history,
+                                stats_rebuild_every=self.stats_rebuild_every),
             queue_max_events=self.queue_max_events, group_max_events=self.group_max_events,
             group_window_s=self.group_window_ms / 1000, item_half_life_s=self.item_half_life_s,
-            dedupe_retention_s=self.dedupe_retention_s, snapshot_poll_s=self.snapshot_poll_s)
+            dedupe_retention_s=self.dedupe_retention_s, snapshot_poll_s=self.snapshot_poll_s,
+            refold_per_s=self.refold_per_s)

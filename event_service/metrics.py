@@ -26,6 +26,9 @@ class EventMetrics:
                                   registry=self.registry)
         self.model_version = Gauge("freshrec_model_info", "Live model version", ["version"],
                                    registry=self.registry)
+        self.refolded = Counter("freshrec_refolded_users_total",
+                                "Users re-folded in the background under a new model",
+                                registry=self.registry)
 
     def serve(self, port: int, host: str) -> None:
         """Expose /metrics over HTTP."""

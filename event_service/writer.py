@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from event_service.metrics import EventMetrics
-from index.apply import FoldInPolicy, Outcome, apply_group, keep_rejected
+from index.apply import FoldInPolicy, Outcome, apply_group, keep_rejected, refold
 from index.catalog import CatalogSnapshot
 from index.errors import Exhausted, Unavailable
 from index.events import Batch, EventWeights
 from index.follower import SnapshotFollower
 from index.snapshot import SnapshotError
-from index.store import DEFAULT_ITEM_HALF_LIFE_S, StoreWriter, UserStore
+from index.store import DEFAULT_ITEM_HALF_LIFE_S, USERS_MODEL_KEY, StoreWriter, UserStore
 
 log = logging.getLogger("freshrec.events")
 
@@ -80,6 +80,8 @@ class WriterConfig:
     item_half_life_s: float = DEFAULT_ITEM_HALF_LIFE_S
     dedupe_retention_s: float = 7 * 86_400.0
     snapshot_poll_s: float = 2.0
+    refold_per_s: float = 2_000.0  # users scanned (and re-folded) per second, model changed
+    refold_batch: int = 200  # users per re-fold txn: a short pause for ingest
 
 
 class Writer:
@@ -100,11 +102,16 @@ class Writer:
         self._thread: threading.Thread | None = None
         self._next_housekeeping = 0.0
         self._rejected_seq = itertools.count()
+        # Background re-fold after a model change: the last user id scanned (None: done).
+        self._refold_after: str | None = None
+        self._refold_due = 0.0
 
     def start(self) -> None:
         """Record the item half-life with the data, then start the writer thread."""
         if self.store.item_half_life() != self.config.item_half_life_s:
             self.store.transact(lambda w: w.set_item_half_life(self.config.item_half_life_s))
+        if self.store.get_meta(USERS_MODEL_KEY) != self.catalogs.version:
+            self._refold_after = ""  # users may be stored under another model: re-fold them
         self.metrics.model_version.labels(self.catalogs.version).set(1)
         self._thread = threading.Thread(target=self._run, name="freshrec-writer", daemon=True)
         self._thread.start()
@@ -146,11 +153,14 @@ class Writer:
                 return
             if time.monotonic() >= self._next_housekeeping:
                 self._housekeeping()
+            if self._refold_after is not None and time.monotonic() >= self._refold_due:
+                self._refold()
 
     def _take(self) -> list[Submission]:
         """Wait for work; give more a short window to arrive; take up to a group's worth."""
+        idle_wait = 0.5 if self._refold_after is None else 0.02
         with self._lock:
-            self._has_work.wait_for(lambda: self._queue or self._stopping, timeout=0.5)
+            self._has_work.wait_for(lambda: self._queue or self._stopping, timeout=idle_wait)
             if not self._queue:
                 return []
         # Sleeping through the window (rather than waking per arrival) keeps the GIL free
@@ -227,10 +237,32 @@ class Writer:
         except SnapshotError as exc:
             log.error("refusing new snapshot, keeping %s: %s", before, exc)
             return
-        log.info("switched to model %s; users are recomputed when next touched",
+        log.info("switched to model %s; re-folding every user in the background",
                  self.catalogs.version)
         self.metrics.model_version.labels(before).set(0)
         self.metrics.model_version.labels(self.catalogs.version).set(1)
+        self._refold_after = ""
+
+    def _refold(self) -> None:
+        """Re-fold the next batch of users stored under another model, at a bounded rate."""
+        batch, catalog = self.config.refold_batch, self.catalogs.live
+        after = self._refold_after or ""
+
+        def work(writer: StoreWriter) -> tuple[list[str], int]:
+            ids = writer.user_ids_after(after, batch)
+            return ids, refold(writer, catalog, ids, self.config.policy, time.time())
+
+        try:
+            ids, done = self.store.transact(work)
+        except Exception as exc:  # retried on the next round; ingest goes on
+            log.error("re-fold failed: %s", exc)
+            return
+        self.metrics.refolded.inc(done)
+        self._refold_after = ids[-1] if len(ids) == batch else None
+        self._refold_due = time.monotonic() + batch / self.config.refold_per_s
+        if self._refold_after is None:
+            self.store.transact(lambda w: w.put_meta(USERS_MODEL_KEY, catalog.model_version))
+            log.info("every user is folded in under model %s", catalog.model_version)
 
     def status(self) -> dict[str, Any]:
         """Queue depth and live model, for health and logs."""

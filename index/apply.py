@@ -18,28 +18,28 @@ from index.events import Event, EventWeights, Rejection
 from index.model import History
 from index.store import StoreWriter
 from index.user_record import MAX_HISTORY, Play, UserRecord
+from index.user_stats import UserStats
 
-FOLD_IN_METHODS = ("cg", "exact")
 
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FoldInPolicy:
-    """Exact solve, or CG warm-started from the stored vector (exact when it cannot be).
+    """How users are folded in: the history bound, and where statistics are kept.
 
-    CG pays a fixed cost per iteration in numpy calls, so it only beats the exact solve
-    for a batch of users (bench/foldin.py: 1 user, history 50: exact 46 us, CG 140 us;
-    256 users: exact 63 us, CG 16 us per user): smaller groups are solved exactly.
+    Every vector is the exact fold-in. A user with at least `stats_min_history` known
+    items keeps statistics (`index.user_stats`) updated by rank-1 terms, so an event costs
+    O(d^2) whatever the history's length; a shorter history is cheaper to re-solve than
+    its statistics are to store (bench/foldin.py). Statistics are rebuilt from the
+    history every `stats_rebuild_every` updates, and whenever the model changes.
     """
 
-    method: str = "cg"
-    cg_iterations: int = 8
-    cg_min_users: int = 4
     max_history: int = MAX_HISTORY
+    stats_min_history: int = 64
+    stats_rebuild_every: int = 1000
 
     def __post_init__(self) -> None:
-        if self.method not in FOLD_IN_METHODS:
-            raise ValueError(f"fold-in method must be one of {FOLD_IN_METHODS}, "
-                             f"got {self.method!r}")
+        if self.max_history < 1 or self.stats_min_history < 1 or self.stats_rebuild_every < 1:
+            raise ValueError("max_history, stats_min_history and stats_rebuild_every must be "
+                             f">= 1, got {self}")
 
 
 @dataclass(frozen=True)
@@ -98,36 +98,78 @@ def refresh_users(writer: StoreWriter, catalog: CatalogSnapshot,
                   plays: dict[str, list[Play]], policy: FoldInPolicy,
                   now: float) -> dict[str, UserRecord]:
     """Merge the plays into each touched user's history, fold in their vectors, write them."""
-    records = [(writer.get_user(u) or UserRecord.new(u)).with_plays(p, policy.max_history)
-               for u, p in plays.items()]
-    histories = [catalog.history(r.item_ids, r.weights) for r in records]
-    vectors = fold_in(catalog, records, histories, policy)
-    out = {}
-    for record, history, vector in zip(records, histories, vectors, strict=True):
-        usable = vector if len(history.items) else np.zeros(0, np.float32)
-        updated = replace(record, vector=usable, model_version=catalog.model_version,
-                          updated_at=now)
-        writer.put_user(updated)
-        out[updated.user_id] = updated
-    return out
+    merged = [_merge(writer, catalog, u, p, policy) for u, p in plays.items()]
+    vectors = fold_in(catalog, [(m.record, m.stats) for m in merged])
+    return {m.record.user_id: write_user(writer, m, vector, now)
+            for m, vector in zip(merged, vectors, strict=True)}
 
 
-def fold_in(catalog: CatalogSnapshot, records: list[UserRecord], histories: list[History],
-            policy: FoldInPolicy) -> np.ndarray:
-    """CG for users whose stored vector is in this model's space, exact for the rest."""
-    warm = np.array([policy.method == "cg" and r.model_version == catalog.model_version
-                     and len(r.vector) == catalog.dim for r in records], dtype=bool)
-    if warm.sum() < policy.cg_min_users:
-        warm[:] = False
-    vectors = np.zeros((len(records), catalog.dim), np.float32)
-    if (~warm).any():
-        vectors[~warm] = catalog.fold_in.exact([h for h, w in zip(histories, warm, strict=True)
-                                                if not w])
-    if warm.any():
-        start = np.stack([r.vector for r, w in zip(records, warm, strict=True) if w])
-        vectors[warm] = catalog.fold_in.cg([h for h, w in zip(histories, warm, strict=True) if w],
-                                           start, policy.cg_iterations)
+@dataclass(frozen=True)
+class Merged:
+    """A user's new record, their statistics (if they keep them), and whether stored
+    statistics may have to go."""
+
+    record: UserRecord
+    stats: UserStats | None
+    drop_stored: bool
+
+
+def _merge(writer: StoreWriter, catalog: CatalogSnapshot, user_id: str, plays: list[Play],
+           policy: FoldInPolicy) -> Merged:
+    stored = catalog.fit(writer.get_user(user_id) or UserRecord.new(user_id))
+    record, change = stored.with_plays(plays, catalog.item_index, policy.max_history)
+    may_have = len(stored) >= policy.stats_min_history  # histories only grow, to the cap
+    if int((record.rows >= 0).sum()) < policy.stats_min_history:
+        return Merged(record, None, may_have)
+    stats = writer.get_stats(user_id) if may_have else None
+    if stats is None or not stats.matches(stored) or stats.updates >= policy.stats_rebuild_every:
+        return Merged(record, UserStats.build(record, catalog.item_factors), False)
+    return Merged(record, stats.updated(record, change, catalog.item_factors), False)
+
+
+def fold_in(catalog: CatalogSnapshot,
+            users: list[tuple[UserRecord, UserStats | None]]) -> list[np.ndarray]:
+    """Each user's exact vector: from their statistics, else from their history."""
+    with_stats = [i for i, (_, stats) in enumerate(users) if stats is not None]
+    others = [i for i, (_, stats) in enumerate(users) if stats is None]
+    vectors: list[np.ndarray] = [np.zeros(0, np.float32)] * len(users)
+    solved = catalog.fold_in.from_stats([users[i][1] for i in with_stats])  # type: ignore[misc]
+    for i, vector in zip(with_stats, solved, strict=True):
+        vectors[i] = vector
+    histories = [History(*users[i][0].known()) for i in others]
+    for i, history, vector in zip(others, histories, catalog.fold_in.exact(histories),
+                                  strict=True):
+        if len(history.items):  # no known item: no vector (the ranker falls back)
+            vectors[i] = vector
     return vectors
+
+
+def write_user(writer: StoreWriter, merged: Merged, vector: np.ndarray,
+               now: float) -> UserRecord:
+    """Store the record with its new vector, and its statistics (or drop stale ones)."""
+    updated = replace(merged.record, vector=vector, updated_at=now)
+    writer.put_user(updated)
+    if merged.stats is not None:
+        writer.put_stats(updated.user_id, merged.stats)
+    elif merged.drop_stored:
+        writer.delete_stats(updated.user_id)
+    return updated
+
+
+def refold(writer: StoreWriter, catalog: CatalogSnapshot, user_ids: Sequence[str],
+           policy: FoldInPolicy, now: float) -> int:
+    """Re-fold the users whose stored vector is not of this model (or decay); how many."""
+    stale = [Merged(catalog.fit(record), None, True) for record in
+             (writer.get_user(u) for u in user_ids)
+             if record is not None and not record.fits(catalog.model_version,
+                                                       catalog.half_life_s)]
+    stale = [Merged(m.record, UserStats.build(m.record, catalog.item_factors), False)
+             if int((m.record.rows >= 0).sum()) >= policy.stats_min_history else m
+             for m in stale]
+    vectors = fold_in(catalog, [(m.record, m.stats) for m in stale])
+    for merged, vector in zip(stale, vectors, strict=True):
+        write_user(writer, merged, vector, now)
+    return len(stale)
 
 
 def keep_rejected(writer: StoreWriter, rejected: Sequence[tuple[Rejection, Event]], now: float,

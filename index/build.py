@@ -12,9 +12,9 @@ import numpy as np
 
 from index import snapshots_dir, users_dir
 from index.catalog import CatalogSnapshot
-from index.model import AlsParams, confidence_matrix, train_als
+from index.model import AlsParams, History, confidence_matrix, train_als
 from index.snapshot import IndexSpec, write_snapshot
-from index.store import StoreWriter, UserStore
+from index.store import USERS_MODEL_KEY, StoreWriter, UserStore
 from index.tables import Dataset, DatasetError, Interactions
 from index.user_record import MAX_HISTORY, UserRecord
 
@@ -98,16 +98,20 @@ def bootstrap_users(store: UserStore, catalog: CatalogSnapshot, inter: Interacti
     if store.count("users"):
         log(f"user store {store.path} already has users: left as is")
         return 0
-    records = _batch_records(inter, max_history)
+    records = _batch_records(catalog, inter, max_history)
     for start in range(0, len(records), _BOOTSTRAP_CHUNK):
         chunk = records[start:start + _BOOTSTRAP_CHUNK]
-        vectors = catalog.fold_in.exact([catalog.history(r.item_ids, r.weights) for r in chunk])
-        updated = [replace(r, vector=v, model_version=catalog.model_version)
+        vectors = catalog.fold_in.exact([History(*r.known()) for r in chunk])
+        updated = [replace(r, vector=v if len(r.known()[0]) else np.zeros(0, np.float32))
                    for r, v in zip(chunk, vectors, strict=True)]
         store.transact(functools.partial(_put_users, updated))
         log(f"  bootstrapped {min(start + _BOOTSTRAP_CHUNK, len(records)):,}/{len(records):,} "
             "users")
-    store.transact(lambda w: w.put_meta("bootstrap_model_version", catalog.model_version))
+    def done(writer: StoreWriter) -> None:
+        writer.put_meta("bootstrap_model_version", catalog.model_version)
+        writer.put_meta(USERS_MODEL_KEY, catalog.model_version)
+
+    store.transact(done)
     return len(records)
 
 
@@ -116,8 +120,9 @@ def _put_users(records: list[UserRecord], writer: StoreWriter) -> None:
         writer.put_user(record)
 
 
-def _batch_records(inter: Interactions, max_history: int) -> list[UserRecord]:
-    """One record per user: summed weight and last time per item, most recent items kept."""
+def _batch_records(catalog: CatalogSnapshot, inter: Interactions,
+                   max_history: int) -> list[UserRecord]:
+    """One record per user, by the same history policy as live events."""
     order = np.lexsort((inter.timestamps, inter.user_ids.astype(str)))
     user_ids = inter.user_ids[order]
     bounds = np.flatnonzero(user_ids[1:] != user_ids[:-1]) + 1
@@ -126,6 +131,7 @@ def _batch_records(inter: Interactions, max_history: int) -> list[UserRecord]:
     for rows in np.split(order, bounds):
         plays = list(zip(inter.item_ids[rows], inter.weights[rows].tolist(),
                          inter.timestamps[rows].astype(float).tolist(), strict=True))
-        record = UserRecord.new(str(inter.user_ids[rows[0]])).with_plays(plays, max_history)
+        empty = catalog.fit(UserRecord.new(str(inter.user_ids[rows[0]])))
+        record, _ = empty.with_plays(plays, catalog.item_index, max_history)
         records.append(replace(record, updated_at=now))
     return records

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
 from functools import cached_property
-from itertools import repeat
 from pathlib import Path
 
 import faiss
@@ -29,6 +27,7 @@ from index.snapshot import (
     sha256_file,
 )
 from index.tables import ItemTable
+from index.user_record import UserRecord
 
 # The item columns of items.npz and their types.
 COLUMNS = {"years": np.dtype(np.int16), "popularity": np.dtype(np.float32),
@@ -73,13 +72,19 @@ class CatalogSnapshot:
         als = self.manifest.als
         return FoldIn(self.item_factors, float(als["regularization"]), float(als["alpha"]))
 
-    def history(self, item_ids: Sequence[str], weights: np.ndarray) -> History:
-        """The fold-in input for a user history: its items in this catalog, with weights."""
-        # map() keeps the per-id lookup in C: this runs for every touched user.
-        rows = np.fromiter(map(self.item_index.get, item_ids, repeat(-1)), np.int64,
-                           len(item_ids))
-        known = rows >= 0
-        return History(rows[known], np.asarray(weights, np.float32)[known])
+    @property
+    def half_life_s(self) -> float:
+        """Half-life of a play's weight in the fold-in (0: no decay; older snapshots)."""
+        return float(self.manifest.als.get("half_life_s", 0.0))
+
+    def fit(self, record: UserRecord) -> UserRecord:
+        """The record with rows and decayed weights for this model (itself if they are)."""
+        return record.under(self.model_version, self.item_index, self.half_life_s)
+
+    def history(self, record: UserRecord) -> History:
+        """The fold-in input of a user: the known history items and their decayed weights."""
+        rows, decayed = self.fit(record).known()
+        return History(rows, decayed)
 
     def item_table(self) -> ItemTable:
         """The catalog's items as a table (e.g. to write another snapshot of them)."""

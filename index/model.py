@@ -1,9 +1,11 @@
-"""The ALS model: batch training with `implicit` and the per-user fold-in (exact and CG).
+"""The ALS model: batch training with `implicit` and the exact per-user fold-in.
 
 Confidence follows Hu-Koren-Volinsky: ``c = 1 + alpha * w`` where ``w`` is the summed
 implicit-feedback weight of a (user, item) pair. `implicit` scales its matrix by its own
 ``alpha`` and treats the result as ``c`` directly, so we hand it ``c`` and set its alpha
-to 1: the batch model and the online fold-in then share one convention.
+to 1: the batch model and the online fold-in then share one convention. The batch model
+is trained on undecayed weights; the fold-in of a user decays each play's weight by
+``0.5 ** (age / half_life_s)`` (`index.user_record`), which is 1 with the decay off.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+
+from index.user_stats import UserStats
 
 # Floats per chunk: users * (padded history + d) * d, so a chunk's arrays (factors and
 # the d x d systems) stay near 32 MB whatever the history lengths.
@@ -29,6 +33,7 @@ class AlsParams:
     alpha: float = 10.0
     iterations: int = 15
     seed: int = 0
+    half_life_s: float = 0.0  # of a play's weight in the fold-in, by its age; 0 = no decay
 
     def __post_init__(self) -> None:
         if self.factors < 1 or self.factors > 1024:
@@ -39,6 +44,8 @@ class AlsParams:
             raise ValueError(f"alpha must be >= 0, got {self.alpha}")
         if self.iterations < 1:
             raise ValueError(f"iterations must be >= 1, got {self.iterations}")
+        if not self.half_life_s >= 0:
+            raise ValueError(f"half_life_s must be >= 0, got {self.half_life_s}")
 
     def as_dict(self) -> dict[str, float | int]:
         """The parameters as a JSON-ready dict."""
@@ -113,55 +120,29 @@ class FoldIn:
         self.dim = item_factors.shape[1]
         factors64 = np.asarray(item_factors, dtype=np.float64)
         self.gram = factors64.T @ factors64 + regularization * np.eye(self.dim)
-        self.gram32 = self.gram.astype(np.float32)
 
     def exact(self, histories: Sequence[History]) -> np.ndarray:
-        """Exact fold-in: one stacked Cholesky-class solve per chunk of users."""
+        """Exact fold-in from the histories: one stacked solve per chunk of users."""
         out = np.zeros((len(histories), self.dim), dtype=np.float32)
-        for chunk, factors, conf, extra in self._padded_chunks(histories, np.float64):
+        for chunk, factors, conf, extra in self._padded_chunks(histories):
             lhs = self.gram + np.matmul(factors.transpose(0, 2, 1), factors * extra[..., None])
             rhs = np.matmul(conf[:, None, :], factors)[:, 0, :]
             out[chunk] = np.linalg.solve(lhs, rhs[..., None])[..., 0]
         return out
 
-    def cg(self, histories: Sequence[History], start: np.ndarray, iterations: int) -> np.ndarray:
-        """Conjugate-gradient fold-in warm-started from `start`; O(n_u * d) per iteration."""
-        if start.shape != (len(histories), self.dim):
-            raise ValueError(f"start must have shape {(len(histories), self.dim)}")
-        out = np.zeros((len(histories), self.dim), dtype=np.float32)
-        # float32 halves the memory traffic of the hot path; 1e-3 accuracy allows it.
-        for chunk, factors, conf, extra in self._padded_chunks(histories, np.float32):
-            out[chunk] = self._cg_chunk(factors, conf, extra, start[chunk].astype(np.float32),
-                                        iterations)
+    def from_stats(self, stats: Sequence[UserStats]) -> np.ndarray:
+        """Exact fold-in from stored statistics (no history needed): stacked solves."""
+        out = np.zeros((len(stats), self.dim), dtype=np.float32)
+        step = max(1, _CHUNK_FLOATS // (self.dim * self.dim))
+        for start in range(0, len(stats), step):
+            chunk = stats[start:start + step]
+            lhs = self.gram + self.alpha * np.stack([s.matrix() for s in chunk])
+            rhs = np.stack([s.linear + self.alpha * s.weighted for s in chunk])
+            out[start:start + len(chunk)] = np.linalg.solve(lhs, rhs[..., None])[..., 0]
         return out
 
-    def _cg_chunk(self, factors: np.ndarray, conf: np.ndarray, extra: np.ndarray,
-                  x: np.ndarray, iterations: int) -> np.ndarray:
-        # Batched matmuls (BLAS) rather than einsum: this is the hot path of every event.
-
-        def apply(v: np.ndarray) -> np.ndarray:
-            projected = np.matmul(factors, v[:, :, None]).transpose(0, 2, 1) * extra[:, None, :]
-            return v @ self.gram32 + np.matmul(projected, factors)[:, 0, :]
-
-        residual = np.matmul(conf[:, None, :], factors)[:, 0, :] - apply(x)
-        direction = residual.copy()
-        rs_old = np.einsum("bd,bd->b", residual, residual)
-        for _ in range(iterations):
-            active = rs_old > 1e-20  # converged users must not divide by zero
-            if not active.any():
-                break
-            a_dir = apply(direction)
-            step = np.where(active, rs_old / np.where(active, (direction * a_dir).sum(1), 1), 0)
-            x += step[:, None] * direction
-            residual -= step[:, None] * a_dir
-            rs_new = np.einsum("bd,bd->b", residual, residual)
-            beta = np.where(active, rs_new / np.where(active, rs_old, 1), 0)
-            direction = residual + beta[:, None] * direction
-            rs_old = rs_new
-        return x
-
     def _padded_chunks(
-        self, histories: Sequence[History], dtype: type[np.floating]
+        self, histories: Sequence[History]
     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
         """Yield (user positions, factors B*L*d, c B*L, c - 1 B*L) for chunks of users.
 
@@ -177,21 +158,20 @@ class FoldIn:
                                         * self.dim <= _CHUNK_FLOATS):
                 end += 1
             chunk = order[start:end]
-            yield chunk, *self._pad(histories, chunk, int(lengths[order[end - 1]]), dtype)
+            yield chunk, *self._pad(histories, chunk, int(lengths[order[end - 1]]))
             start = end
 
     def _pad(
-        self, histories: Sequence[History], chunk: np.ndarray, width: int,
-        dtype: type[np.floating]
+        self, histories: Sequence[History], chunk: np.ndarray, width: int
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         items = np.zeros((len(chunk), width), dtype=np.int64)
-        extra = np.zeros((len(chunk), width), dtype=dtype)
-        conf = np.zeros((len(chunk), width), dtype=dtype)
+        extra = np.zeros((len(chunk), width))
+        conf = np.zeros((len(chunk), width))
         for row, user in enumerate(chunk):
             history = histories[user]
             n = len(history.items)
             items[row, :n] = history.items
             extra[row, :n] = self.alpha * history.weights
             conf[row, :n] = extra[row, :n] + 1.0
-        factors = self.item_factors[items].astype(dtype, copy=False)
+        factors = self.item_factors[items].astype(np.float64)
         return factors, conf, extra

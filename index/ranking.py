@@ -19,6 +19,7 @@ from index.catalog import CatalogSnapshot
 from index.errors import NotFound
 from index.filters import CatalogFilters, ItemFilter, allows_rows, clear, count, unpack
 from index.follower import SnapshotFollower
+from index.model import History
 from index.store import UserStore
 from index.user_record import UserRecord
 
@@ -130,11 +131,11 @@ class Ranker:
                   include_watched: bool) -> Ranking:
         """Top k items for the user, or the popularity fallback (source POPULAR)."""
         live = self.live
-        record = self.store.get_user(user_id)
+        record = self._user(live.catalog, user_id)
         vector = self._vector(live.catalog, record)
         allowed = live.filters.bitmap(spec)
         if record is not None and not include_watched:
-            allowed = self._without(live, allowed, self._rows(live.catalog, record.item_ids))
+            allowed = self._without(live, allowed, self._watched(record))
         version = record.version if record else 0
         if vector is None:
             return Ranking(self._popular(live, k, allowed), POPULAR, version, live.catalog)
@@ -157,9 +158,9 @@ class Ranker:
         """The home page rows, no item repeated across rows."""
         live = self.live
         catalog = live.catalog
-        record = self.store.get_user(user_id)
+        record = self._user(catalog, user_id)
         vector = self._vector(catalog, record)
-        shown = self._rows(catalog, record.item_ids) if record else []
+        shown = self._watched(record) if record else []
         base = live.filters.bitmap(spec)  # each row copies it before clearing shown items
         rows: list[Row] = []
 
@@ -173,7 +174,7 @@ class Ranker:
                 rows.append(Row(row_id, title, items, source))
                 shown.extend(s.row for s in items)
 
-        last = self._last_known(catalog, record)
+        last = self._last_known(record)
         if last is not None:
             add("because_you_watched", f"Because you watched {catalog.titles[last]}",
                 base, np.asarray(catalog.item_factors[last], np.float32))
@@ -187,29 +188,37 @@ class Ranker:
 
     # -- internals -----------------------------------------------------------------------
 
-    def _vector(self, catalog: CatalogSnapshot, record: UserRecord | None) -> np.ndarray | None:
-        """The user's vector in this catalog's space, recomputed if it is from another model."""
+    def _user(self, catalog: CatalogSnapshot, user_id: str) -> UserRecord | None:
+        """The user's latest record, with rows for this catalog (remapped if from another)."""
+        record = self.store.get_user(user_id)
+        return None if record is None else catalog.fit(record)
+
+    @staticmethod
+    def _vector(catalog: CatalogSnapshot, record: UserRecord | None) -> np.ndarray | None:
+        """The stored vector if it is of this model, else the fold-in of the history.
+
+        After a model change the event service re-folds every user in the background
+        (and anyone it sees an event of), so the fold-in here is the exception.
+        """
         if record is None:
             return None
-        if record.model_version == catalog.model_version and len(record.vector) == catalog.dim:
+        if len(record.vector) == catalog.dim:
             return record.vector
-        history = catalog.history(record.item_ids, record.weights)
+        history = History(*record.known())
         if not len(history.items):
             return None
         return catalog.fold_in.exact([history])[0]
 
     @staticmethod
-    def _rows(catalog: CatalogSnapshot, item_ids: tuple[str, ...] | list[str]) -> list[int]:
-        return [r for r in map(catalog.item_index.get, item_ids) if r is not None]
+    def _watched(record: UserRecord) -> list[int]:
+        return record.rows[record.rows >= 0].tolist()  # type: ignore[no-any-return]
 
     @staticmethod
-    def _last_known(catalog: CatalogSnapshot, record: UserRecord | None) -> int | None:
-        if record is None:
+    def _last_known(record: UserRecord | None) -> int | None:
+        if record is None or not (record.rows >= 0).any():
             return None
-        for item_id in record.recent_item_ids():
-            if item_id in catalog.item_index:
-                return catalog.item_index[item_id]
-        return None
+        known = np.flatnonzero(record.rows >= 0)
+        return int(record.rows[known[np.argmax(record.last_at[known])]])
 
     @staticmethod
     def _without(live: LiveCatalog, allowed: np.ndarray | None,

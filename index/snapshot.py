@@ -143,7 +143,9 @@ def _manifest_checks(m: Manifest) -> list[tuple[bool, str]]:
         for f in m.files.values())
     als_ok = isinstance(m.als, dict) and all(
         _is(m.als.get(key), (int, float)) and 0 <= m.als[key] < 1e6
-        for key in ("factors", "regularization", "alpha", "iterations"))
+        for key in ("factors", "regularization", "alpha", "iterations")) and (
+        "half_life_s" not in m.als  # written before the fold-in had a decay
+        or _is(m.als["half_life_s"], (int, float)) and 0 <= m.als["half_life_s"] < 1e12)
     return [
         (m.format == FORMAT, f"format {m.format!r} is not {FORMAT}"),
         (m.metric == METRIC, f"metric {m.metric!r} is not {METRIC}"),
@@ -155,7 +157,8 @@ def _manifest_checks(m: Manifest) -> list[tuple[bool, str]]:
         (isinstance(m.search, dict) and all(isinstance(k, str) and _is(v, int) and 0 < v < 1e6
                                             for k, v in m.search.items()),
          "search must map parameter names to positive integers"),
-        (als_ok, "als must give numeric factors, regularization, alpha and iterations"),
+        (als_ok, "als must give numeric factors, regularization, alpha and iterations "
+                 "(and a half_life_s >= 0, if any)"),
         (isinstance(m.genres, list) and len(m.genres) <= 64
          and all(isinstance(g, str) for g in m.genres), "genres must be up to 64 strings"),
         (_is(m.created_at, (int, float)), "created_at must be a number"),

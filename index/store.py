@@ -1,6 +1,8 @@
 """The LMDB user store shared by both services: user records, seen events, item counts.
 
 One env, named DBs: ``users`` (user_id -> binary record, see `index.user_record`),
+``user_stats`` (user_id -> the fold-in statistics of users with long histories, see
+`index.user_stats`; only the event service reads them),
 ``seen`` (event_id -> time applied), ``seen_by_time`` (time + event_id, for pruning),
 ``item_counts`` (item_id -> decayed count and its time), ``rejected`` (time + seq ->
 JSON), ``meta`` (including the half-life the item counts decay with, so that the writer
@@ -22,15 +24,17 @@ import lmdb
 
 from index.errors import Exhausted, Unavailable
 from index.user_record import UserRecord
+from index.user_stats import UserStats
 
 T = TypeVar("T")
 _TIME_KEY = struct.Struct(">d")
 _COUNT = struct.Struct("<dd")
-DB_NAMES = ("users", "seen", "seen_by_time", "item_counts", "rejected", "meta")
+DB_NAMES = ("users", "user_stats", "seen", "seen_by_time", "item_counts", "rejected", "meta")
 DEFAULT_MAP_SIZE = 4 << 30
 MAX_MAP_SIZE = 1 << 40
 DEFAULT_ITEM_HALF_LIFE_S = 86_400.0
 HALF_LIFE_KEY = b"item_half_life_s"
+USERS_MODEL_KEY = "users_model_version"  # meta: every stored user is folded in under it
 
 
 class StoreFullError(Exhausted):
@@ -92,6 +96,31 @@ class StoreWriter:
     def put_user(self, record: UserRecord) -> None:
         """Write a user's record."""
         self.txn.put(record.user_id.encode("utf-8"), record.encode(), db=self.dbs["users"])
+
+    def get_stats(self, user_id: str) -> UserStats | None:
+        """The user's stored fold-in statistics, or None."""
+        raw = self.txn.get(user_id.encode("utf-8"), db=self.dbs["user_stats"])
+        return None if raw is None else UserStats.decode(user_id, raw)
+
+    def put_stats(self, user_id: str, stats: UserStats) -> None:
+        """Store the user's fold-in statistics."""
+        self.txn.put(user_id.encode("utf-8"), stats.encode(), db=self.dbs["user_stats"])
+
+    def delete_stats(self, user_id: str) -> None:
+        """Forget the user's statistics (if any)."""
+        self.txn.delete(user_id.encode("utf-8"), db=self.dbs["user_stats"])
+
+    def user_ids_after(self, after: str, limit: int) -> list[str]:
+        """Up to `limit` user ids following `after` in key order ("" = from the first)."""
+        cursor = self.txn.cursor(db=self.dbs["users"])
+        start = after.encode("utf-8")
+        keys: list[bytes] = []
+        ok = cursor.set_range(start)
+        while ok and len(keys) <= limit:
+            keys.append(bytes(cursor.key()))
+            ok = cursor.next()
+        keys = keys[1:] if keys and keys[0] == start else keys
+        return [k.decode("utf-8") for k in keys[:limit]]
 
     def seen(self, event_id: str) -> bool:
         """True if this event_id was applied (and not yet pruned)."""
@@ -157,9 +186,15 @@ class UserStore:
                              max_readers=max_readers, readonly=readonly, sync=sync,
                              metasync=sync, readahead=False)
         self.reap_stale_readers()
-        self.dbs = {name: self.env.open_db(name.encode(), create=not readonly)
-                    for name in DB_NAMES}
+        self.dbs = {name: db for name in DB_NAMES
+                    if (db := self._open_db(name, readonly)) is not None}
         self._lock = _ResizeLock()
+
+    def _open_db(self, name: str, readonly: bool) -> Any:
+        try:
+            return self.env.open_db(name.encode(), create=not readonly)
+        except lmdb.NotFoundError:  # a reader of a store its writer has not upgraded yet
+            return None
 
     def reap_stale_readers(self) -> int:
         """Free reader slots left by killed processes (else they pin old pages forever)."""

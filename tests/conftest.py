@@ -12,10 +12,16 @@ from index.catalog import CatalogSnapshot
 from index.model import AlsParams
 from index.synthetic import synthetic
 from index.tables import Dataset
+from index.user_record import Play, UserRecord
 from rpc.server import pin_native_threads
 
 SMALL_ALS = AlsParams(factors=32, regularization=0.1, alpha=10.0, iterations=10, seed=0)
 pin_native_threads()  # as the services' entry points do: in-process servers behave alike
+
+
+def record_of(catalog: CatalogSnapshot, plays: list[Play], user: str = "u") -> UserRecord:
+    """A new user's record under this catalog after these plays (one group)."""
+    return catalog.fit(UserRecord.new(user)).with_plays(plays, catalog.item_index)[0]
 
 
 def _quiet(_: str) -> None:

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from index import snapshots_dir, users_dir
 from index.catalog import CatalogSnapshot
 from index.snapshot import set_current
-from index.store import UserStore
+from index.store import USERS_MODEL_KEY, UserStore
 from recsys.v1 import events_pb2
 from tests.integration.conftest import RunningEvents, event_settings, playback, second_snapshot
 
@@ -215,22 +215,33 @@ def test_the_same_10000_events_twice_across_a_restart_change_nothing(
         restarted.close()
 
 
-def test_a_new_snapshot_is_followed_and_users_are_recomputed_when_touched(
-    events: RunningEvents, catalog: CatalogSnapshot
+def test_a_new_snapshot_is_followed_and_every_user_is_refolded_in_the_background(
+    fresh_data_dir: Path, catalog: CatalogSnapshot
 ) -> None:
-    root = snapshots_dir(events.settings.data_dir)
-    second_snapshot(events.settings.data_dir, catalog, "small-v2")  # another model space
-    set_current(root, "small-v2")
-    deadline = time.monotonic() + 10
-    while events.deps.writer.catalogs.version != "small-v2":
-        assert time.monotonic() < deadline, "the writer did not follow CURRENT"
-        time.sleep(0.05)
-    events.stub.Track(events_pb2.TrackRequest(event=playback("after-v2", "u20",
-                                                             catalog.item_ids[2])))
-    user = events.stub.GetUser(events_pb2.GetUserRequest(user_id="u20"))
-    assert user.model_version == "small-v2"
-    v2 = CatalogSnapshot.load(root, "small-v2")
-    record = events.deps.store.get_user("u20")
-    assert record is not None
-    expected = v2.fold_in.exact([v2.history(record.item_ids, record.weights)])[0]
-    np.testing.assert_allclose(user.vector, expected, atol=1e-5)
+    events = RunningEvents(event_settings(fresh_data_dir, refold_per_s=50_000.0))
+    try:
+        root = snapshots_dir(fresh_data_dir)
+        second_snapshot(fresh_data_dir, catalog, "small-v2")  # another model space
+        set_current(root, "small-v2")
+        deadline = time.monotonic() + 30
+        while events.deps.store.get_meta(USERS_MODEL_KEY) != "small-v2":
+            assert time.monotonic() < deadline, "the users were not re-folded"
+            time.sleep(0.05)
+        assert events.deps.writer.catalogs.version == "small-v2"
+        v2 = CatalogSnapshot.load(root, "small-v2")
+        for user in ("u0", "u20", "u599"):  # without any event of theirs
+            got = events.stub.GetUser(events_pb2.GetUserRequest(user_id=user))
+            assert got.model_version == "small-v2"
+            record = events.deps.store.get_user(user)
+            assert record is not None
+            expected = v2.fold_in.exact([v2.history(record)])[0]
+            np.testing.assert_allclose(got.vector, expected, atol=1e-5)
+        events.stub.Track(events_pb2.TrackRequest(event=playback("after-v2", "u20",
+                                                                 catalog.item_ids[2])))
+        after = events.stub.GetUser(events_pb2.GetUserRequest(user_id="u20"))
+        record = events.deps.store.get_user("u20")
+        assert after.model_version == "small-v2" and record is not None
+        np.testing.assert_allclose(after.vector, v2.fold_in.exact([v2.history(record)])[0],
+                                   atol=1e-5)
+    finally:
+        events.close()

@@ -192,7 +192,7 @@ def test_reload_switches_models_and_refuses_bad_ones(ranking: RunningRanking,
     v2 = CatalogSnapshot.load(snapshots_dir(data_dir), "small-v2")
     record = ranking.deps.store.get_user("u3")
     assert record is not None and record.model_version == catalog.model_version
-    vector = v2.fold_in.exact([v2.history(record.item_ids, record.weights)])[0]
+    vector = v2.fold_in.exact([v2.history(record)])[0]
     scores = np.asarray(v2.item_factors) @ vector
     scores[[v2.item_index[i] for i in record.item_ids]] = -np.inf
     assert [i.item_id for i in response.items] == [v2.item_ids[r] for r in

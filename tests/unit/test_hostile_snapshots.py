@@ -47,6 +47,7 @@ from index.snapshot import (
     SnapshotError,
 )
 from ranking_service.server import catalog_info, to_items
+from tests.conftest import record_of
 
 VERSION = "small-v1"
 REPO = Path(__file__).resolve().parents[2]
@@ -117,7 +118,7 @@ def _servable(catalog: CatalogSnapshot) -> None:
     # filters, popularity order, fold-in Gram matrix
     live = LiveCatalog.of(catalog, np.ones(len(catalog)), 0.5)
     assert len(catalog.item_ids) == len(catalog.titles) == len(catalog) == len(live.popular_order)
-    history = catalog.history(catalog.item_ids[:5], np.ones(5, np.float32))
+    history = catalog.history(record_of(catalog, [(i, 1.0, 0.0) for i in catalog.item_ids[:5]]))
     vector = catalog.fold_in.exact([history])[0]
     assert vector.shape == (catalog.dim,)
     # The ranking service puts these into CatalogInfo and ScoredItem messages.

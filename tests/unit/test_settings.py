@@ -17,10 +17,10 @@ from rpc.security import load_tokens
 def test_flags_override_environment_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FRESHREC_PORT", "6000")
     monkeypatch.setenv("FRESHREC_REFLECTION", "false")
-    monkeypatch.setenv("FRESHREC_FOLD_IN", "exact")
-    settings = EventSettings.from_args(["--data-dir", "/tmp/x", "--cg-iterations", "5"])
-    assert (settings.port, settings.reflection, settings.fold_in) == (6000, False, "exact")
-    assert settings.cg_iterations == 5 and settings.data_dir == Path("/tmp/x")
+    monkeypatch.setenv("FRESHREC_STATS_MIN_HISTORY", "32")
+    settings = EventSettings.from_args(["--data-dir", "/tmp/x", "--max-history", "50"])
+    assert (settings.port, settings.reflection, settings.stats_min_history) == (6000, False, 32)
+    assert settings.max_history == 50 and settings.data_dir == Path("/tmp/x")
     assert EventSettings.from_args(["--data-dir", "d", "--reflection"]).reflection is True
 
 
@@ -31,8 +31,8 @@ def test_service_defaults_are_the_domain_defaults() -> None:
 
 
 def test_bad_settings_are_refused() -> None:
-    with pytest.raises(ValueError, match="fold-in method"):
-        EventSettings(data_dir=Path("d"), fold_in="magic")
+    with pytest.raises(ValueError, match="must be >= 1"):
+        EventSettings(data_dir=Path("d"), stats_min_history=0)
     with pytest.raises(ValueError, match="fixed --port"):
         RankingSettings(data_dir=Path("d"), port=0, workers=2)
     with pytest.raises(ValueError, match="mutual TLS"):

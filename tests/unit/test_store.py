@@ -20,7 +20,7 @@ from index.user_record import UserRecord
 def test_writes_are_visible_to_a_read_only_env_in_another_process(tmp_path: Path) -> None:
     with UserStore(tmp_path / "db") as writer:
         writer.transact(lambda w: w.put_user(
-            UserRecord.new("alice").with_plays([("x", 1.0, 1.0)], 10)))
+            UserRecord.new("alice").with_plays([("x", 1.0, 1.0)], {})[0]))
         code = ("import sys; from pathlib import Path; from index.store import UserStore\n"
                 "s = UserStore(Path(sys.argv[1]), readonly=True)\n"
                 "a = s.get_user('alice')\n"
@@ -64,7 +64,8 @@ def test_rejected_events_are_kept_newest_first(tmp_path: Path) -> None:
 
 def test_map_full_grows_the_map_and_keeps_every_write(tmp_path: Path) -> None:
     store = UserStore(tmp_path / "db", map_size=256 * 1024)
-    big = UserRecord.new("u").with_plays([(f"item-{i}", 1.0, float(i)) for i in range(400)], 500)
+    big, _ = UserRecord.new("u").with_plays([(f"item-{i}", 1.0, float(i)) for i in range(400)],
+                                            {})
     for batch in range(20):
         store.transact(lambda w, b=batch: [
             w.put_user(UserRecord(f"u{b}-{i}", *list(big.__dict__.values())[1:]))
@@ -84,7 +85,7 @@ def test_bootstrap_gives_every_batch_user_their_exact_vector(
         bootstrap_version = store.get_meta("bootstrap_model_version")
     assert users == built.users_bootstrapped == 600
     assert record is not None and record.model_version == catalog.model_version
-    expected = catalog.fold_in.exact([catalog.history(record.item_ids, record.weights)])[0]
+    expected = catalog.fold_in.exact([catalog.history(record)])[0]
     np.testing.assert_allclose(record.vector, expected, atol=1e-6)
     assert record.version == 40  # one per batch interaction
     assert bootstrap_version == catalog.model_version

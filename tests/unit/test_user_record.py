@@ -1,16 +1,29 @@
-"""The user record: binary format, and the history policy (accumulate, keep the most recent)."""
+"""The user record: binary format, the history policy, the decay, and what a merge reports."""
 
 from __future__ import annotations
+
+import struct
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from index.user_record import UserRecord
+from index.user_record import UserRecord, decay
 
 ids = st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)),
               min_size=1, max_size=40)
+ROWS = {f"i{n}": n for n in range(0, 30, 2)}  # even items are in the catalog, odd ones not
+
+
+def record_of(plays: list[tuple[str, float, float]], cap: int = 500, half_life_s: float = 0.0,
+              chunks: int = 1) -> UserRecord:
+    """A new user's record after these plays, merged `chunks` groups at a time."""
+    record = UserRecord.new("u").under("m1", ROWS, half_life_s)
+    for part in np.array_split(np.arange(len(plays)), chunks):
+        if len(part):
+            record, _ = record.with_plays([plays[i] for i in part], ROWS, cap)
+    return record
 
 
 @settings(max_examples=200, deadline=None)
@@ -19,70 +32,132 @@ ids = st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs
 def test_record_round_trips(user: str, dim: int, model: str, version: int,
                             items: list[str]) -> None:
     rng = np.random.default_rng(len(items))
+    n = len(items)
     record = UserRecord(user, rng.normal(size=dim).astype(np.float32), model, version, 1.5e9,
-                        tuple(items), rng.uniform(size=len(items)).astype(np.float32),
-                        rng.uniform(0, 2e9, len(items)))
+                        30.0, rng.integers(-1, 100, n).astype(np.int32), True,
+                        rng.uniform(size=n).astype(np.float32), rng.uniform(size=n),
+                        rng.uniform(0, 2e9, n), "\0".join(items).encode())
     decoded = UserRecord.decode(user, record.encode())
-    assert decoded.item_ids == record.item_ids
-    assert (decoded.model_version, decoded.version) == (model, version)
-    np.testing.assert_array_equal(decoded.vector, record.vector)
-    np.testing.assert_array_equal(decoded.weights, record.weights)
-    np.testing.assert_array_equal(decoded.last_at, record.last_at)
+    assert decoded.item_ids == tuple(items)
+    assert (decoded.model_version, decoded.version, decoded.half_life_s) == (model, version, 30.0)
+    for name in ("vector", "rows", "weights", "decayed", "last_at"):
+        np.testing.assert_array_equal(getattr(decoded, name), getattr(record, name))
 
 
 def test_decode_refuses_a_truncated_record() -> None:
-    raw = UserRecord.new("u").with_plays([("a", 1.0, 5.0)], 10).encode()
+    raw = record_of([("i2", 1.0, 5.0)]).encode()
     with pytest.raises(ValueError, match="record length"):
         UserRecord.decode("u", raw[:-1])
     with pytest.raises(ValueError, match="shorter than its header"):
         UserRecord.decode("u", raw[:10])
+    with pytest.raises(ValueError, match="unknown record format 9"):
+        UserRecord.decode("u", b"\x09" + raw[1:])
+
+
+def test_a_format_1_record_is_read_and_remapped_on_use() -> None:
+    header = struct.pack("<BBHHHIQd", 1, 0, 2, 2, 2, 5, 7, 1.5e9)
+    raw = header + b"m1" + np.array([1, 2], "<f4").tobytes() + \
+        np.array([0.5, 1.0], "<f4").tobytes() + np.array([10.0, 20.0], "<f8").tobytes() + \
+        b"i4\0i5"
+    old = UserRecord.decode("u", raw)
+    assert (old.item_ids, old.version, old.rows_valid) == (("i4", "i5"), 7, False)
+    fitted = old.under("m1", ROWS, 0.0)
+    assert fitted.rows.tolist() == [4, -1] and len(fitted.vector) == 2  # same model: kept
+    assert UserRecord.decode("u", fitted.encode()).rows_valid
 
 
 def test_history_accumulates_repeats_and_keeps_the_most_recent() -> None:
-    record = UserRecord.new("u").with_plays(
-        [("a", 0.5, 10.0), ("b", 1.0, 20.0), ("a", 0.25, 30.0), ("c", 1.0, 5.0)], max_history=2)
+    record = record_of([("i2", 0.5, 10.0), ("i4", 1.0, 20.0), ("i2", 0.25, 30.0),
+                        ("i6", 1.0, 5.0)], cap=2)
     assert record.version == 4
-    assert record.recent_item_ids() == ["a", "b"]
-    assert dict(zip(record.item_ids, record.weights.tolist(), strict=True)) == {"a": 0.75,
-                                                                                 "b": 1.0}
+    assert record.recent_item_ids() == ["i2", "i4"]
+    assert dict(zip(record.item_ids, record.weights.tolist(), strict=True)) == {"i2": 0.75,
+                                                                                 "i4": 1.0}
+    assert record.rows.tolist() == [2, 4]
 
 
+def test_decay_weighs_each_play_by_its_age_from_the_latest() -> None:
+    plays = [("i2", 1.0, 0.0), ("i4", 1.0, 60.0), ("i2", 1.0, 120.0), ("i5", 0.5, 90.0)]
+    record = record_of(plays, half_life_s=60.0)
+    decayed = dict(zip(record.item_ids, record.decayed.tolist(), strict=True))
+    assert decayed["i2"] == pytest.approx(1.0 + 0.25)  # ages 0 and 120 s
+    assert decayed["i4"] == pytest.approx(0.5)
+    assert decayed["i5"] == pytest.approx(0.5 * 0.5 ** 0.5)
+    assert record_of(plays).decayed.tolist() == record.weights.tolist()  # off: undecayed
+    assert decay(np.array([0.0, 30.0]), 30.0).tolist() == [1.0, 0.5]
 
 
-def _reference(plays: list[tuple[str, float, float]], cap: int) -> dict[str, tuple[float, float]]:
-    """The history policy spelled out: sum weights per item, latest time, keep the newest."""
+def _reference(plays: list[tuple[str, float, float]], cap: int,
+               half_life_s: float) -> dict[str, tuple[float, float, float]]:
+    """The policy spelled out: sums, decayed sums, latest time per item, the newest kept."""
+    latest = max(at for _, _, at in plays)
     merged: dict[str, list[float]] = {}
     for item, weight, at in plays:
-        entry = merged.setdefault(item, [0.0, at])
+        entry = merged.setdefault(item, [0.0, 0.0, at])
         entry[0] += weight
-        entry[1] = max(entry[1], at)
-    # Ties in time keep the item first seen (the stable order of the history).
-    kept = sorted(merged, key=lambda i: -merged[i][1])[:cap]
-    return {i: (merged[i][0], merged[i][1]) for i in kept}
+        entry[1] += weight * float(decay(latest - at, half_life_s))
+        entry[2] = max(entry[2], at)
+    kept = sorted(merged, key=lambda i: -merged[i][2])[:cap]  # stable: the first seen first
+    return {i: (merged[i][0], merged[i][1], merged[i][2]) for i in kept}
 
 
 plays_st = st.lists(st.tuples(st.sampled_from([f"i{n}" for n in range(30)]),
-                              st.floats(0.0, 1.0), st.integers(0, 50).map(float)), max_size=60)
+                              st.floats(0.0, 1.0), st.integers(0, 500).map(float)),
+                    min_size=1, max_size=80)
 
 
 @settings(max_examples=300, deadline=None)
-@given(chunks=st.lists(plays_st, max_size=5), cap=st.integers(1, 20))
-def test_plays_added_in_groups_match_the_policy(chunks: list[list[tuple[str, float, float]]],
-                                                cap: int) -> None:
-    record = UserRecord.new("u")
-    for chunk in chunks:  # as the writer does: a group at a time
-        record = record.with_plays(chunk, cap)
-    flat = [p for chunk in chunks for p in chunk]
-    assert record.version == len(flat)
-    got = {i: (float(w), float(t)) for i, w, t in
-           zip(record.item_ids, record.weights.tolist(), record.last_at.tolist(), strict=True)}
-    expected = _reference(flat, cap)
-    # Items evicted in an early group cannot come back with their old weight: compare the
-    # items a single pass keeps whenever no eviction happened before the last group.
-    if all(len(_reference([p for c in chunks[:k] for p in c], cap)) < cap
-           for k in range(1, len(chunks))):
-        assert got.keys() == expected.keys()
-        for item, (weight, at) in expected.items():
-            assert got[item][0] == pytest.approx(weight, rel=1e-6, abs=1e-6)
-            assert got[item][1] == at
-    assert len(got) <= cap and len(set(record.item_ids)) == len(record.item_ids)
+@given(plays=plays_st, chunks=st.integers(1, 6), half_life=st.sampled_from([0.0, 60.0]))
+def test_plays_merged_in_groups_match_the_policy(
+        plays: list[tuple[str, float, float]], chunks: int, half_life: float) -> None:
+    cap = 500  # no eviction: then the policy is the same whatever the grouping
+    record = record_of(plays, cap, half_life, chunks)
+    assert record.version == len(plays)
+    got = {i: (w, d, t) for i, w, d, t in zip(record.item_ids, record.weights.tolist(),
+                                                record.decayed.tolist(),
+                                                record.last_at.tolist(), strict=True)}
+    expected = _reference(plays, cap, half_life)
+    assert got.keys() == expected.keys()
+    for item, (weight, decayed, at) in expected.items():
+        assert got[item][0] == pytest.approx(weight, rel=1e-6, abs=1e-6)
+        assert got[item][1] == pytest.approx(decayed, rel=1e-9, abs=1e-12)
+        assert got[item][2] == at
+    assert record.rows.tolist() == [ROWS.get(i, -1) for i in record.item_ids]
+
+
+@settings(max_examples=200, deadline=None)
+@given(plays=plays_st, cap=st.integers(1, 12))
+def test_eviction_keeps_the_most_recent_items_in_one_pass(
+        plays: list[tuple[str, float, float]], cap: int) -> None:
+    record = record_of(plays, cap)
+    assert set(record.item_ids) == set(_reference(plays, cap, 0.0))
+    assert len(record) == min(cap, len({p[0] for p in plays}))
+    assert record.ids_blob.count(b"\0") == max(len(record) - 1, 0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(before=plays_st, group=plays_st, cap=st.integers(1, 12),
+       half_life=st.sampled_from([0.0, 60.0]))
+def test_the_change_is_exactly_what_moved(before: list[tuple[str, float, float]],
+                                          group: list[tuple[str, float, float]], cap: int,
+                                          half_life: float) -> None:
+    old = record_of(before, cap, half_life)
+    new, change = old.with_plays(group, ROWS, cap)
+    weight = {int(r): d for r, d in zip(*old.known(), strict=True)}
+    after = {int(r): d for r, d in zip(*new.known(), strict=True)}
+    moved = {int(r): delta for r, delta in zip(change.rows, change.deltas, strict=True)}
+    for row in weight.keys() | after.keys():
+        expected = after.get(row, 0.0) - change.scale * weight.get(row, 0.0)
+        assert moved.get(row, 0.0) == pytest.approx(expected, abs=1e-12)
+    assert set(change.entered.tolist()) == after.keys() - weight.keys()
+    assert set(change.left.tolist()) == weight.keys() - after.keys()
+    assert change.scale == pytest.approx(float(decay(new.latest - old.latest, half_life)))
+
+
+def test_a_remap_to_another_model_drops_the_vector_and_maps_the_rows() -> None:
+    record = record_of([("i2", 1.0, 1.0), ("i3", 1.0, 2.0)])
+    record = UserRecord.decode("u", record.encode())
+    moved = record.under("m2", {"i3": 7}, 0.0)
+    assert moved.rows.tolist() == [-1, 7] and len(moved.vector) == 0
+    assert moved.fits("m2", 0.0) and not moved.fits("m2", 60.0)
+    assert record.under("m1", ROWS, 0.0) is record
