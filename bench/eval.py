@@ -13,8 +13,12 @@
      long-lived IngestStream and waits for its ack (read-your-writes); daily buffers it and,
      when the UTC day of the event timestamps changes, sends the whole buffered day (batches
      of 500, every one acked) before scoring the first event of the new day; static sends
-     nothing; popularity (in-process) ranks items by training interactions, excluding those
-     the user has interacted with so far (training and replayed).
+     nothing.
+  4. The peers' real-time rules replay the same events in-process (`bench.replay`), on the
+     served snapshot's item factors where they use any: Gorse's item-to-item over the last
+     100 feedbacks, Qdrant's `average_vector` recommend over the last 20 plays and over the
+     last 20 positives (rating >= 4), popularity; and `realtime (in-process)`, our rule
+     computed by `bench.replay` as a check on the services.
 Rating -> event: a rating r becomes a PLAY_COMPLETE with watch_fraction = r/5 (its weight is
 r/5, as in the batch build), occurred_at = its timestamp, event_id = "eval-<cutoff>-<n>".
 Output: a Markdown table on stdout and `<out>/eval-<UTC time>.{json,md,png}`.
@@ -24,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import queue
 import shutil
 import subprocess
@@ -41,42 +44,30 @@ import grpc
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from bench.replay import (
+    AverageVector,
+    DecayedFoldIn,
+    ItemToItem,
+    K,
+    Popularity,
+    Rule,
+    Score,
+    Split,
+    replay,
+)
 from bench.report import save_figure
 from bench.services import start_process, stop
+from index import snapshots_dir
+from index.catalog import CatalogSnapshot
 from index.files import atomic_write
 from index.model import AlsParams
 from index.movielens import load_movielens_100k
 from index.tables import Interactions
 from recsys.v1 import events_pb2, events_pb2_grpc, ranking_pb2, ranking_pb2_grpc
 
-K, BATCH, DAY_S, PROGRESS_EVERY = 10, 500, 86_400, 2_000
+BATCH, DAY_S, PROGRESS_EVERY = 500, 86_400, 2_000
 SERVED = ("realtime", "daily", "static")
-VARIANTS = (*SERVED, "popularity")
 GROUPS = ("all", "known", "new")
-
-
-@dataclass
-class Score:
-    """Hits and NDCG summed over scored events, and how many answers were POPULAR."""
-
-    events: int = 0
-    hits: int = 0
-    ndcg: float = 0.0
-    popular: int = 0
-
-    def add(self, ranked: list[str], item: str, popular: bool) -> None:
-        """Score one recommendation list against the item the user went on to watch."""
-        self.events += 1
-        self.popular += popular
-        if item in ranked[:K]:
-            self.hits += 1
-            self.ndcg += 1 / math.log2(ranked.index(item) + 2)
-
-    def summary(self) -> dict[str, float]:
-        """HR@10, NDCG@10 and the popularity-fallback share."""
-        n = max(self.events, 1)
-        return {"events": self.events, "hr_at_10": round(self.hits / n, 4),
-                "ndcg_at_10": round(self.ndcg / n, 4), "popular_share": round(self.popular / n, 4)}
 
 
 class Stream:
@@ -111,33 +102,12 @@ class Stream:
         self.channel.close()
 
 
-class Popularity:
-    """Items by number of training interactions, minus what each user has interacted with."""
-
-    def __init__(self, train: Interactions) -> None:
-        items, counts = np.unique(train.item_ids.astype(str), return_counts=True)
-        self.order = [str(items[i]) for i in np.argsort(-counts, kind="stable")]
-        self.seen: dict[str, set[str]] = {}
-        for user, item in zip(train.user_ids.tolist(), train.item_ids.tolist(), strict=True):
-            self.watch(user, item)
-
-    def watch(self, user: str, item: str) -> None:
-        """Remember an interaction of the user."""
-        self.seen.setdefault(user, set()).add(item)
-
-    def top(self, user: str) -> list[str]:
-        """The K most popular items the user has not interacted with."""
-        seen = self.seen.get(user, set())
-        return list(islice((i for i in self.order if i not in seen), K))
-
-
 @dataclass
 class Replay:
     """The variants under test and their running scores."""
 
     rankers: dict[str, ranking_pb2_grpc.RankingServiceStub]
     streams: dict[str, Stream]
-    popularity: Popularity
     known: set[str]
     scores: dict[tuple[str, str], Score] = field(default_factory=dict)
     buffer: list[events_pb2.PlaybackEvent] = field(default_factory=list)
@@ -157,10 +127,8 @@ class Replay:
             answer = call.result()
             self.score(name, event, [i.item_id for i in answer.items],
                        answer.source == ranking_pb2.POPULAR)
-        self.score("popularity", event, self.popularity.top(event.user_id), True)
         self.streams["realtime"].send([event])
         self.buffer.append(event)
-        self.popularity.watch(event.user_id, event.item_id)
 
     def score(self, variant: str, event: events_pb2.PlaybackEvent, ranked: list[str],
               popular: bool) -> None:
@@ -172,7 +140,7 @@ class Replay:
     def hit_rates(self) -> str:
         """Running HR@10 per variant, for the progress line."""
         return "  ".join(f"{v}={self.scores[(v, 'all')].summary()['hr_at_10']:.4f}"
-                         for v in VARIANTS if (v, "all") in self.scores)
+                         for v in SERVED if (v, "all") in self.scores)
 
 
 def to_events(test: Interactions, cutoff: int) -> Iterator[events_pb2.PlaybackEvent]:
@@ -192,7 +160,7 @@ def build_base(args: argparse.Namespace, cutoff: int, data_dir: Path) -> None:
                "--cache-dir", str(args.cache_dir), "--until", str(cutoff),
                "--data-dir", str(data_dir), "--factors", str(args.factors),
                "--regularization", str(args.regularization), "--alpha", str(args.alpha),
-               "--iterations", str(args.iterations)]
+               "--iterations", str(args.iterations), "--half-life-s", str(args.half_life_s)]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
 
 
@@ -213,7 +181,7 @@ def start_services(tmp: Path, port_base: int, procs: list[subprocess.Popen[Any]]
     return rankers, streams
 
 
-def replay(run: Replay, events: list[events_pb2.PlaybackEvent]) -> None:
+def replay_served(run: Replay, events: list[events_pb2.PlaybackEvent]) -> None:
     """Run every event through the variants, with a progress line on stderr."""
     started = time.perf_counter()
     for n, event in enumerate(events, 1):
@@ -229,8 +197,8 @@ def serve_and_replay(tmp: Path, port_base: int, train: Interactions,
     procs: list[subprocess.Popen[Any]] = []
     try:
         rankers, streams = start_services(tmp, port_base, procs)
-        run = Replay(rankers, streams, Popularity(train), set(train.user_ids.tolist()))
-        replay(run, events)
+        run = Replay(rankers, streams, set(train.user_ids.tolist()))
+        replay_served(run, events)
         for stream in streams.values():
             stream.close()
         return run, {name: stream.counts for name, stream in streams.items()}
@@ -246,17 +214,35 @@ def evaluate(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     train, test = log.until(cutoff), log.after(cutoff).sorted_by_time()
     events = list(islice(to_events(test, cutoff), args.limit))
     build_base(args, cutoff, tmp / "base")
+    peers = peer_rules(log, cutoff, tmp / "base", args.limit)
     run, ingest = serve_and_replay(tmp, args.port_base, train, events)
     users = {e.user_id for e in events}
+    served = {v: {g: run.scores.get((v, g), Score()).summary() for g in GROUPS} for v in SERVED}
     return {"cutoff": cutoff, "cutoff_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                            time.gmtime(cutoff)),
             "train_events": len(train), "test_events": len(test), "scored_events": len(events),
             "test_users": len(users), "new_users": len(users - run.known),
             "als": {k: getattr(args, k) for k in ("factors", "regularization", "alpha",
-                                                  "iterations")},
-            "ingest": ingest,
-            "variants": {v: {g: run.scores.get((v, g), Score()).summary() for g in GROUPS}
-                         for v in VARIANTS}}
+                                                  "iterations", "half_life_s")},
+            "ingest": ingest, "variants": {**served, **peers}}
+
+
+def peer_rules(log: Interactions, cutoff: int, data_dir: Path,
+               limit: int | None) -> dict[str, Any]:
+    """The peers' rules (and ours, as a check) replayed in-process on the same events."""
+    catalog = CatalogSnapshot.load(snapshots_dir(data_dir))
+    split = Split.at(log, catalog.item_ids, cutoff)
+    if limit is not None:
+        split = split.first(limit)
+    factors = np.asarray(catalog.item_factors, np.float64)
+    als = AlsParams.of(catalog.manifest.als)
+    rules: dict[str, Rule] = {
+        "realtime (in-process)": DecayedFoldIn(factors, als, catalog.half_life_s),
+        "item-to-item, last 100 (Gorse)": ItemToItem(split),
+        "average vector, last 20 plays (Qdrant)": AverageVector(factors),
+        "average vector, last 20 positives (Qdrant)": AverageVector(factors, min_weight=0.79),
+        "popularity": Popularity(split)}
+    return replay(split, rules)
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -317,6 +303,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--regularization", type=float, default=als.regularization)
     p.add_argument("--alpha", type=float, default=als.alpha)
     p.add_argument("--iterations", type=int, default=als.iterations)
+    p.add_argument("--half-life-s", type=float, default=als.half_life_s,
+                   help="decay of a play's weight in the fold-in (0 = none)")
     p.add_argument("--limit", type=int, help="score only the first N test events")
     p.add_argument("--cache-dir", type=Path, default=Path(".cache/datasets"))
     p.add_argument("--out", type=Path, default=Path("bench/results"))

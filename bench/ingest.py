@@ -5,6 +5,9 @@ Measured by `make bench` (bench/run.py), with durable commits throughout:
   * ack latency (send -> durable ack) p50/p99 at a fixed event rate, in 50-, 10- and
     1-event messages.
 Events go to bootstrapped users and catalog items at random, so every one folds in.
+`full_history` measures the same for users at the history cap (`bench.prefill`), each
+message's events spread over distinct users: every event merges into a full history and
+evicts an item, the writer's steady state.
 """
 
 from __future__ import annotations
@@ -20,17 +23,19 @@ from recsys.v1 import events_pb2, events_pb2_grpc
 
 
 class EventFactory:
-    """Unique events for random known users and items."""
+    """Unique events for random known users (distinct within a message, if asked) and items."""
 
-    def __init__(self, items: list[str], users: list[str], seed: int, prefix: str) -> None:
-        self.items, self.users, self.prefix = items, users, prefix
+    def __init__(self, items: list[str], users: list[str], seed: int, prefix: str,
+                 distinct: bool = False) -> None:
+        self.items, self.users, self.prefix, self.distinct = items, users, prefix, distinct
         self.rng = np.random.default_rng(seed)
         self.count = 0
 
     def make(self, n: int) -> list[events_pb2.PlaybackEvent]:
         stamp = Timestamp()
         stamp.GetCurrentTime()
-        users = self.rng.integers(0, len(self.users), n)
+        users = self.rng.choice(len(self.users), n, replace=False) if self.distinct \
+            else self.rng.integers(0, len(self.users), n)
         items = self.rng.integers(0, len(self.items), n)
         start, self.count = self.count, self.count + n
         return [events_pb2.PlaybackEvent(
@@ -93,3 +98,14 @@ def suite(stub: events_pb2_grpc.EventServiceStub, items: list[str], users: list[
                         for batch in (50, 10)]
         + [ack_latency(stub, factory, single_rate, 1, 10 * scale)],
     }
+
+
+def full_history(stub: events_pb2_grpc.EventServiceStub, items: list[str], users: list[str],
+                 scale: float, rate: float) -> dict[str, Any]:
+    """Throughput (50- and 1-event messages) and ack latency for users at the history cap."""
+    factory = EventFactory(items, users, seed=2, prefix=f"full-{time.time_ns()}", distinct=True)
+    throughput(stub, factory, 50, 2_000)  # warm-up
+    return {"users": len(users),
+            "throughput": [throughput(stub, factory, 50, int(150_000 * scale)),
+                           throughput(stub, factory, 1, int(30_000 * scale))],
+            "ack_latency": [ack_latency(stub, factory, rate, 50, 10 * scale)]}

@@ -90,6 +90,12 @@ class Split:
                      np.array([row_of[i] for i in later.item_ids.tolist()], np.int64),
                      later.weights.astype(np.float64), later.timestamps.astype(np.float64))
 
+    def first(self, n: int) -> Split:
+        """The same split, replaying only its first n interactions."""
+        return Split(self.n_items, self.item_ids, self.train, self.train_rows,
+                     self.replay_users[:n], self.replay_rows[:n], self.replay_weights[:n],
+                     self.replay_times[:n])
+
     def train_plays(self) -> Iterable[tuple[str, Play]]:
         """The training interactions in time order, as (user, play)."""
         order = np.argsort(self.train.timestamps, kind="stable")

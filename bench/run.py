@@ -27,6 +27,7 @@ import grpc
 import numpy as np
 
 from bench import freshness, ingest, load, report
+from bench.prefill import prefill
 from bench.services import start_process, stop
 from index import snapshots_dir, users_dir
 from index.catalog import CatalogSnapshot
@@ -42,6 +43,7 @@ CATALOGS = {
                      "--per-user", "50", "--index", "hnsw"],
 }
 CLIENTS = [1, 4, 16]
+FULL_USERS = {False: 10_000, True: 1_000}  # users prefilled to the cap, full and quick runs
 
 
 def stage(name: str, work: Callable[[], T]) -> T:
@@ -98,6 +100,8 @@ def measure(name: str, data_dir: Path, quick: bool, port: int) -> dict[str, Any]
     }
     with tempfile.TemporaryDirectory() as tmp:
         copy = working_copy(data_dir, Path(tmp) / "data")
+        full_users = stage(f"prefilling {FULL_USERS[quick]:,} users to the history cap",
+                           lambda: prefill(copy, FULL_USERS[quick]))
         ranking, _ = stage("starting ranking (2 workers)", lambda: start_process(
             "ranking_service", copy, port=port, workers=2))
         events, events_port = start_process("event_service", copy)
@@ -112,6 +116,10 @@ def measure(name: str, data_dir: Path, quick: bool, port: int) -> dict[str, Any]
                 stub, catalog.item_ids, users, scale, 5_000.0, 2_000.0))
             result["freshness"] = stage("freshness", lambda: freshness.probe(
                 events_target, target, catalog.item_ids, users, 30 if quick else 200, 1_000.0))
+            result["full_history"] = stage("ingest, full histories", lambda: {
+                **ingest.full_history(stub, catalog.item_ids, full_users, scale, 5_000.0),
+                "freshness": freshness.probe(events_target, target, catalog.item_ids,
+                                             full_users, 30 if quick else 200, 1_000.0)})
         finally:
             stop([ranking, events])
     return result

@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--alpha", type=float, default=defaults.alpha,
                    help="confidence c = 1 + alpha * weight")
     b.add_argument("--iterations", type=int, default=defaults.iterations)
+    b.add_argument("--half-life-s", type=float, default=defaults.half_life_s,
+                   help="decay of a play's weight in the fold-in, by its age (0 = none)")
     b.add_argument("--index", default="flat",
                    help="flat | hnsw | ivfpq | any FAISS factory string (default flat)")
     b.add_argument("--version", help="model version name (default <dataset>-<UTC time>)")
@@ -70,7 +72,8 @@ def _build(args: argparse.Namespace) -> int:
     load_seconds = time.perf_counter() - started
     print(f"loaded {dataset.name} in {load_seconds:.1f} s", file=sys.stderr)
     als = AlsParams(factors=args.factors, regularization=args.regularization,
-                    alpha=args.alpha, iterations=args.iterations, seed=args.seed)
+                    alpha=args.alpha, iterations=args.iterations, seed=args.seed,
+                    half_life_s=args.half_life_s)
     report = build(dataset, args.data_dir, als, index=args.index, version=args.version,
                    threads=args.threads, max_history=args.max_history,
                    log=lambda line: print(line, file=sys.stderr))

@@ -22,6 +22,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
+from typing import TypeVar
 
 import numpy as np
 
@@ -31,12 +32,15 @@ ROWS_VALID = 1  # header flag: the rows index the catalog of the record's model 
 _HEADER = struct.Struct("<BBHHHIQdd")
 _HEADER_V1 = struct.Struct("<BBHHHIQd")
 Play = tuple[str, float, float]  # (item_id, weight, occurred_at)
+T = TypeVar("T", float, np.ndarray)
 _EMPTY_F8 = np.zeros(0, np.float64)
 
 
-def decay(age_s: np.ndarray | float, half_life_s: float) -> np.ndarray | float:
+def decay(age_s: T, half_life_s: float) -> T:
     """How much a play of this age still counts: 0.5 ** (age / half-life); 1 when off (0)."""
-    return 0.5 ** (np.asarray(age_s) / half_life_s) if half_life_s > 0 else np.ones_like(age_s)
+    if half_life_s <= 0:
+        return np.ones_like(age_s) if isinstance(age_s, np.ndarray) else 1.0  # type: ignore
+    return 0.5 ** (age_s / half_life_s)  # type: ignore[return-value,operator]
 
 
 @dataclass(frozen=True)
@@ -152,23 +156,25 @@ class UserRecord:
                    max_history: int = MAX_HISTORY) -> tuple[UserRecord, Change]:
         """Merge plays into the history (the version counts each); the record and the change.
 
-        `row_of` maps item ids of this record's model to rows (see `under`).
+        `row_of` maps item ids of this record's model to rows (see `under`). A group
+        brings a user a few distinct items: they are handled one by one, the history as
+        whole arrays.
         """
         assert self.rows_valid, "remap the record with under() first"
-        merged = _merge(plays, max(self.latest, max(at for _, _, at in plays)),
-                        self.half_life_s)
-        scale = float(decay(merged.latest - self.latest, self.half_life_s)) if len(self) \
-            else 1.0
-        found = [self._find(item, row_of.get(item, -1)) for item in merged.ids]
-        grown = _Grown.of(self, merged, found, [row_of.get(i, -1) for i in merged.ids], scale)
-        kept = _keep(grown.last_at, max_history)
-        change = grown.change(kept, len(self), scale)
-        blob = _join_ids(self.ids_blob, len(self), [merged.ids[j] for j, k in
-                                                     enumerate(found) if k < 0], kept)
-        record = replace(self, version=self.version + len(plays), rows=grown.rows[kept],
-                         weights=grown.weights[kept].astype(np.float32),
-                         decayed=grown.decayed[kept], last_at=grown.last_at[kept],
-                         ids_blob=blob)
+        latest = max(self.latest, max(at for _, _, at in plays))
+        added = _merge(plays, latest, self.half_life_s)
+        scale = float(decay(latest - self.latest, self.half_life_s)) if len(self) else 1.0
+        rows = [row_of.get(item, -1) for item in added]
+        found = [self._find(item, row) for item, row in zip(added, rows, strict=True)]
+        grown = _grow(self, added, rows, found, scale)
+        evicted = _evicted(grown[3], max_history)
+        change = _change(self, added, rows, found, evicted, scale)
+        new_ids = [item for item, k in zip(added, found, strict=True) if k < 0]
+        rows_, weights, decayed, last_at = (np.delete(a, evicted) if evicted else a
+                                            for a in grown)
+        record = replace(self, version=self.version + len(plays), rows=rows_,
+                         weights=weights.astype(np.float32), decayed=decayed, last_at=last_at,
+                         ids_blob=_cut_ids(_append_ids(self.ids_blob, new_ids), evicted))
         return record, change
 
     def known(self) -> tuple[np.ndarray, np.ndarray]:
@@ -191,93 +197,90 @@ class UserRecord:
         return -1 if at < 0 else padded.count(b"\0", 0, at + 1) - 1
 
 
-@dataclass(frozen=True)
-class _Merged:
-    """A group's plays by item: ids, summed weight, decayed weight, latest time."""
-
-    ids: list[str]
-    weights: np.ndarray
-    decayed: np.ndarray
-    last_at: np.ndarray
-    latest: float
-
-
-def _merge(plays: Sequence[Play], latest: float, half_life_s: float) -> _Merged:
-    position: dict[str, int] = {}
-    index = np.fromiter((position.setdefault(item, len(position)) for item, _, _ in plays),
-                        np.int64, len(plays))
-    weights = np.fromiter((w for _, w, _ in plays), np.float64, len(plays))
-    times = np.fromiter((at for _, _, at in plays), np.float64, len(plays))
-    last_at = np.full(len(position), -np.inf)
-    np.maximum.at(last_at, index, times)
-    return _Merged(list(position), np.bincount(index, weights, len(position)),
-                   np.bincount(index, weights * decay(latest - times, half_life_s),
-                               len(position)), last_at, latest)
+def _merge(plays: Sequence[Play], latest: float,
+           half_life_s: float) -> dict[str, tuple[float, float, float]]:
+    """A group's plays by item: (summed weight, summed decayed weight, latest time)."""
+    merged: dict[str, list[float]] = {}
+    for item, weight, at in plays:
+        entry = merged.setdefault(item, [0.0, 0.0, at])
+        entry[0] += weight
+        entry[1] += weight * decay(latest - at, half_life_s)
+        entry[2] = max(entry[2], at)
+    return {item: (w, d, t) for item, (w, d, t) in merged.items()}
 
 
-@dataclass(frozen=True)
-class _Grown:
-    """The history with the group merged in, before eviction (old items, then new ones)."""
-
-    rows: np.ndarray
-    weights: np.ndarray
-    decayed: np.ndarray
-    last_at: np.ndarray
-    before: np.ndarray  # each item's decayed weight before the merge, scaled (new: 0)
-
-    @staticmethod
-    def of(record: UserRecord, merged: _Merged, found: list[int], rows: list[int],
-           scale: float) -> _Grown:
-        new = np.array([j for j, k in enumerate(found) if k < 0], np.int64)
-        old = np.array([(j, k) for j, k in enumerate(found) if k >= 0], np.int64).reshape(-1, 2)
-        before = np.concatenate([record.decayed * scale, np.zeros(len(new))])
-        decayed, weights = before.copy(), np.concatenate([record.weights, merged.weights[new]])
-        last_at = np.concatenate([record.last_at, merged.last_at[new]])
-        decayed[len(record) + np.arange(len(new))] = merged.decayed[new]
-        decayed[old[:, 1]] += merged.decayed[old[:, 0]]
-        weights[old[:, 1]] += merged.weights[old[:, 0]]
-        last_at[old[:, 1]] = np.maximum(last_at[old[:, 1]], merged.last_at[old[:, 0]])
-        all_rows = np.concatenate([record.rows, np.array(rows, np.int32)[new]]).astype(np.int32)
-        return _Grown(all_rows, weights, decayed, last_at, before)
-
-    def change(self, kept: np.ndarray, n_old: int, scale: float) -> Change:
-        after = np.zeros(len(self.rows))
-        after[kept] = self.decayed[kept]
-        delta = after - self.before
-        known = self.rows >= 0
-        changed = known & (delta != 0)
-        stays = np.zeros(len(self.rows), bool)
-        stays[kept] = True
-        position = np.arange(len(self.rows))
-        return Change(scale, self.rows[changed].astype(np.int64), delta[changed],
-                      self.rows[known & stays & (position >= n_old)].astype(np.int64),
-                      self.rows[known & ~stays & (position < n_old)].astype(np.int64))
+def _grow(record: UserRecord, added: dict[str, tuple[float, float, float]], rows: list[int],
+          found: list[int], scale: float) -> tuple[np.ndarray, ...]:
+    """(rows, weights, decayed, last_at) with the group merged in, before eviction."""
+    decayed = record.decayed * scale if scale != 1.0 else record.decayed.copy()
+    weights, last_at = record.weights.astype(np.float64), record.last_at.copy()
+    new = []
+    for (weight, contribution, at), row, k in zip(added.values(), rows, found, strict=True):
+        if k >= 0:
+            decayed[k] += contribution
+            weights[k] += weight
+            last_at[k] = max(last_at[k], at)
+        else:
+            new.append((row, weight, contribution, at))
+    if not new:
+        return record.rows, weights, decayed, last_at
+    columns = list(zip(*new, strict=True))
+    return (np.concatenate([record.rows, np.array(columns[0], np.int32)]),
+            np.concatenate([weights, columns[1]]), np.concatenate([decayed, columns[2]]),
+            np.concatenate([last_at, columns[3]]))
 
 
-def _keep(last_at: np.ndarray, max_history: int) -> np.ndarray:
-    """Positions kept: the `max_history` most recent (the earlier-entered of equals first)."""
+def _evicted(last_at: np.ndarray, max_history: int) -> list[int]:
+    """Positions evicted: all but the `max_history` most recent (earlier-entered first)."""
     n = len(last_at)
     if n <= max_history:
-        return np.arange(n)
+        return []
     if n == max_history + 1:  # the usual case at the cap: one out, found in O(n)
-        ties = np.flatnonzero(last_at == last_at.min())
-        return np.delete(np.arange(n), ties[-1])
-    return np.sort(np.argsort(-last_at, kind="stable")[:max_history])
+        return [int(np.flatnonzero(last_at == last_at.min())[-1])]
+    kept = np.argsort(-last_at, kind="stable")[:max_history]
+    return np.setdiff1d(np.arange(n), kept).tolist()  # type: ignore[no-any-return]
 
 
-def _join_ids(blob: bytes, n_old: int, new_ids: list[str], kept: np.ndarray) -> bytes:
-    """The ids blob with the new ids appended and the evicted ones cut out."""
-    grown = b"\0".join(([blob] if n_old else []) + [i.encode("utf-8") for i in new_ids])
-    if len(kept) == n_old + len(new_ids):
-        return grown
-    ends = np.append(np.flatnonzero(np.frombuffer(grown, np.uint8) == 0), len(grown))
+def _change(record: UserRecord, added: dict[str, tuple[float, float, float]], rows: list[int],
+            found: list[int], evicted: list[int], scale: float) -> Change:
+    """What moved among the known items: played ones, new ones, evicted ones."""
+    out = set(evicted)
+    changed: list[tuple[int, float]] = []
+    entered = []
+    position = len(record)
+    for (_, contribution, _), row, k in zip(added.values(), rows, found, strict=True):
+        if k < 0:
+            k, position = position, position + 1
+            if row >= 0 and k not in out:
+                entered.append(row)
+        if row >= 0 and k not in out:
+            changed.append((row, contribution))
+    left = [(int(record.rows[e]), -scale * float(record.decayed[e])) for e in evicted
+            if e < len(record) and record.rows[e] >= 0]
+    changed += left
+    return Change(scale, np.array([r for r, _ in changed], np.int64),
+                  np.array([d for _, d in changed], np.float64), np.array(entered, np.int64),
+                  np.array([r for r, _ in left], np.int64))
+
+
+def _append_ids(blob: bytes, new_ids: list[str]) -> bytes:
+    return b"\0".join(([blob] if blob else []) + [i.encode("utf-8") for i in new_ids])
+
+
+def _cut_ids(blob: bytes, evicted: list[int]) -> bytes:
+    """The ids blob without the ids at these positions."""
+    if not evicted:
+        return blob
+    ends = np.append(np.flatnonzero(np.frombuffer(blob, np.uint8) == 0), len(blob))
     starts = np.concatenate([[0], ends[:-1] + 1])
-    # Kept positions come in a few contiguous runs (evictions are few): copy run by run.
-    breaks = np.flatnonzero(np.diff(kept) != 1) + 1
-    firsts, lasts = np.split(kept, breaks), None
-    lasts = [run[-1] for run in firsts]
-    return b"\0".join(grown[starts[run[0]]:ends[last]] for run, last in zip(firsts, lasts,
-                                                                             strict=True))
+    keep, at = [], 0
+    for e in evicted:  # few: copy the runs between them
+        if e > at:
+            keep.append(blob[starts[at]:ends[e - 1]])
+        at = e + 1
+    if at < len(starts):
+        keep.append(blob[starts[at]:])
+    return b"\0".join(keep)
 
 
 def _view(raw: bytes, dtype: str, count: int, at: int) -> tuple[np.ndarray, int]:
