@@ -271,11 +271,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     names = list(result["variants"])
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(10, 5.5))
     for shift, metric in ((-0.2, "hr_at_10"), (0.2, "ndcg_at_10")):
         ax.bar(x + shift, [result["variants"][v]["all"][metric] for v in names], 0.4,
                label={"hr_at_10": "HR@10", "ndcg_at_10": "NDCG@10"}[metric])
-    ax.set_xticks(x, names)
+    ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
     ax.set_title(f"MovieLens-100K replay, {result['scored_events']:,} events")
     ax.legend()
     fig.tight_layout()

@@ -5,9 +5,9 @@ Measured by `make bench` (bench/run.py), with durable commits throughout:
   * ack latency (send -> durable ack) p50/p99 at a fixed event rate, in 50-, 10- and
     1-event messages.
 Events go to bootstrapped users and catalog items at random, so every one folds in.
-`full_history` measures the same for users at the history cap (`bench.prefill`), each
-message's events spread over distinct users: every event merges into a full history and
-evicts an item, the writer's steady state.
+`full_history` measures the same for users at the history cap (`bench.prefill`), taken in
+turn so that a message's events are for distinct users: every event merges into a full
+history and evicts an item, the writer's steady state.
 """
 
 from __future__ import annotations
@@ -23,18 +23,20 @@ from recsys.v1 import events_pb2, events_pb2_grpc
 
 
 class EventFactory:
-    """Unique events for random known users (distinct within a message, if asked) and items."""
+    """Unique events for random items and random known users, or (`in_turn`) users taken
+    in turn from a shuffled list: distinct within a message, each as often as the next."""
 
     def __init__(self, items: list[str], users: list[str], seed: int, prefix: str,
-                 distinct: bool = False) -> None:
-        self.items, self.users, self.prefix, self.distinct = items, users, prefix, distinct
+                 in_turn: bool = False) -> None:
+        self.items, self.users, self.prefix, self.in_turn = items, users, prefix, in_turn
         self.rng = np.random.default_rng(seed)
+        self.order = self.rng.permutation(len(users))
         self.count = 0
 
     def make(self, n: int) -> list[events_pb2.PlaybackEvent]:
         stamp = Timestamp()
         stamp.GetCurrentTime()
-        users = self.rng.choice(len(self.users), n, replace=False) if self.distinct \
+        users = self.order[(self.count + np.arange(n)) % len(self.users)] if self.in_turn \
             else self.rng.integers(0, len(self.users), n)
         items = self.rng.integers(0, len(self.items), n)
         start, self.count = self.count, self.count + n
@@ -103,8 +105,10 @@ def suite(stub: events_pb2_grpc.EventServiceStub, items: list[str], users: list[
 def full_history(stub: events_pb2_grpc.EventServiceStub, items: list[str], users: list[str],
                  scale: float, rate: float) -> dict[str, Any]:
     """Throughput (50- and 1-event messages) and ack latency for users at the history cap."""
-    factory = EventFactory(items, users, seed=2, prefix=f"full-{time.time_ns()}", distinct=True)
-    throughput(stub, factory, 50, 2_000)  # warm-up
+    factory = EventFactory(items, users, seed=2, prefix=f"full-{time.time_ns()}", in_turn=True)
+    # Warm-up: one event for every user, so that each has its statistics in the writer's
+    # memory (built from the history on a user's first event): the steady state.
+    throughput(stub, factory, 50, len(users))
     return {"users": len(users),
             "throughput": [throughput(stub, factory, 50, int(150_000 * scale)),
                            throughput(stub, factory, 1, int(30_000 * scale))],

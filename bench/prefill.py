@@ -1,9 +1,9 @@
 """Users with full histories, written straight into a store, for the full-history ingest stage.
 
 Each user gets `max_history` distinct random items played one per second, merged, folded
-in and stored exactly as the event service would have left them (record, vector and, past
-the threshold, statistics), so that the stage measures the steady state of a service
-whose users have reached the cap: every new item evicts one.
+in and stored exactly as the event service would have left them, so that the stage
+measures the steady state of a service whose users have reached the cap: every new item
+evicts one.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from index.apply import FoldInPolicy, Merged, fold_in, write_user
 from index.catalog import CatalogSnapshot
 from index.store import StoreWriter, UserStore
 from index.user_record import UserRecord
-from index.user_stats import UserStats
+from index.user_stats import StatsCache
 
 _CHUNK = 500
 
@@ -45,12 +45,11 @@ def _full(catalog: CatalogSnapshot, user_id: str, rng: np.random.Generator, star
              for t, r in enumerate(rows.tolist())]
     record, _ = catalog.fit(UserRecord.new(user_id)).with_plays(plays, catalog.item_index,
                                                                 policy.max_history)
-    stats = UserStats.build(record, catalog.item_factors) \
-        if len(record) >= policy.stats_min_history else None
-    return Merged(record, stats, False)
+    return record, None
 
 
 def _write(writer: StoreWriter, catalog: CatalogSnapshot, merged: list[Merged]) -> None:
-    vectors = fold_in(catalog, [(m.record, m.stats) for m in merged])
-    for m, vector in zip(merged, vectors, strict=True):
-        write_user(writer, m, vector, time.time())
+    vectors = fold_in(catalog, merged)
+    unused = StatsCache(0)  # statistics live in the event service's memory, not the store
+    for (record, _), vector in zip(merged, vectors, strict=True):
+        write_user(writer, unused, record, None, vector, time.time())

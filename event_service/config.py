@@ -42,6 +42,8 @@ class Settings(ServerSettings):
     snapshot_poll_s: float = WriterConfig.snapshot_poll_s
     refold_per_s: float = field(default=WriterConfig.refold_per_s, metadata={
         "help": "after a model change, users re-folded per second in the background"})
+    stats_cache_mb: int = field(default=WriterConfig.stats_cache_bytes >> 20, metadata={
+        "help": "memory for the fold-in statistics of active users (~17 KB each at d=64)"})
     store_map_bytes: int = field(default=DEFAULT_MAP_SIZE, metadata={
         "help": "initial LMDB map size (virtual; the file grows as used)"})
     store_max_bytes: int = field(default=MAX_MAP_SIZE, metadata={
@@ -74,4 +76,4 @@ class Settings(ServerSettings):
             queue_max_events=self.queue_max_events, group_max_events=self.group_max_events,
             group_window_s=self.group_window_ms / 1000, item_half_life_s=self.item_half_life_s,
             dedupe_retention_s=self.dedupe_retention_s, snapshot_poll_s=self.snapshot_poll_s,
-            refold_per_s=self.refold_per_s)
+            refold_per_s=self.refold_per_s, stats_cache_bytes=self.stats_cache_mb << 20)

@@ -25,6 +25,7 @@ from index.events import Batch, EventWeights
 from index.follower import SnapshotFollower
 from index.snapshot import SnapshotError
 from index.store import DEFAULT_ITEM_HALF_LIFE_S, USERS_MODEL_KEY, StoreWriter, UserStore
+from index.user_stats import StatsCache
 
 log = logging.getLogger("freshrec.events")
 
@@ -82,6 +83,7 @@ class WriterConfig:
     snapshot_poll_s: float = 2.0
     refold_per_s: float = 2_000.0  # users scanned (and re-folded) per second, model changed
     refold_batch: int = 200  # users per re-fold txn: a short pause for ingest
+    stats_cache_bytes: int = 1 << 30  # fold-in statistics of active users (17 KB each, d=64)
 
 
 class Writer:
@@ -102,6 +104,7 @@ class Writer:
         self._thread: threading.Thread | None = None
         self._next_housekeeping = 0.0
         self._rejected_seq = itertools.count()
+        self.stats = StatsCache(config.stats_cache_bytes)  # used by the writer thread only
         # Background re-fold after a model change: the last user id scanned (None: done).
         self._refold_after: str | None = None
         self._refold_due = 0.0
@@ -200,7 +203,7 @@ class Writer:
                       self._rejected_seq)
         events = [e for s in group for e in s.batch.valid]
         outcomes = iter(apply_group(writer, self.catalogs.live, events, self.config.weights,
-                                    self.config.policy, now))
+                                    self.config.policy, self.stats, now))
         return [[next(outcomes) for _ in s.batch.valid] for s in group]
 
     def _record(self, group: list[Submission], outcomes: list[list[Outcome]], seconds: float,
@@ -250,7 +253,7 @@ class Writer:
 
         def work(writer: StoreWriter) -> tuple[list[str], int]:
             ids = writer.user_ids_after(after, batch)
-            return ids, refold(writer, catalog, ids, self.config.policy, time.time())
+            return ids, refold(writer, catalog, ids, self.stats, time.time())
 
         try:
             ids, done = self.store.transact(work)

@@ -18,7 +18,7 @@ from index.events import Event, EventWeights, Rejection
 from index.model import History
 from index.store import StoreWriter
 from index.user_record import MAX_HISTORY, Play, UserRecord
-from index.user_stats import UserStats
+from index.user_stats import StatsCache, UserStats
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,12 +52,13 @@ class Outcome:
 
 
 def apply_group(writer: StoreWriter, catalog: CatalogSnapshot, events: Sequence[Event],
-                weights: EventWeights, policy: FoldInPolicy, now: float) -> list[Outcome]:
+                weights: EventWeights, policy: FoldInPolicy, cache: StatsCache,
+                now: float) -> list[Outcome]:
     """Apply valid events in one txn; one outcome per event, in order."""
     fresh = mark_seen(writer, events, now)
     plays = weighed_plays(events, fresh, weights)
     count_items(writer, plays, now)
-    records = refresh_users(writer, catalog, plays, policy, now)
+    records = refresh_users(writer, catalog, plays, policy, cache, now)
     versions = {user: record.version for user, record in records.items()}
     return [Outcome(not new, event.item_id in catalog.item_index,
                     versions.get(event.user_id) or _version(writer, event.user_id))
@@ -95,40 +96,31 @@ def count_items(writer: StoreWriter, plays: dict[str, list[Play]], now: float) -
 
 
 def refresh_users(writer: StoreWriter, catalog: CatalogSnapshot,
-                  plays: dict[str, list[Play]], policy: FoldInPolicy,
+                  plays: dict[str, list[Play]], policy: FoldInPolicy, cache: StatsCache,
                   now: float) -> dict[str, UserRecord]:
     """Merge the plays into each touched user's history, fold in their vectors, write them."""
-    merged = [_merge(writer, catalog, u, p, policy) for u, p in plays.items()]
-    vectors = fold_in(catalog, [(m.record, m.stats) for m in merged])
-    return {m.record.user_id: write_user(writer, m, vector, now)
-            for m, vector in zip(merged, vectors, strict=True)}
+    merged = [_merge(writer, catalog, cache, u, p, policy) for u, p in plays.items()]
+    vectors = fold_in(catalog, merged)
+    return {record.user_id: write_user(writer, cache, record, stats, vector, now)
+            for (record, stats), vector in zip(merged, vectors, strict=True)}
 
 
-@dataclass(frozen=True)
-class Merged:
-    """A user's new record, their statistics (if they keep them), and whether stored
-    statistics may have to go."""
-
-    record: UserRecord
-    stats: UserStats | None
-    drop_stored: bool
+Merged = tuple[UserRecord, UserStats | None]  # a record, and its statistics if it keeps them
 
 
-def _merge(writer: StoreWriter, catalog: CatalogSnapshot, user_id: str, plays: list[Play],
-           policy: FoldInPolicy) -> Merged:
+def _merge(writer: StoreWriter, catalog: CatalogSnapshot, cache: StatsCache, user_id: str,
+           plays: list[Play], policy: FoldInPolicy) -> Merged:
     stored = catalog.fit(writer.get_user(user_id) or UserRecord.new(user_id))
     record, change = stored.with_plays(plays, catalog.item_index, policy.max_history)
-    may_have = len(stored) >= policy.stats_min_history  # histories only grow, to the cap
     if int((record.rows >= 0).sum()) < policy.stats_min_history:
-        return Merged(record, None, may_have)
-    stats = writer.get_stats(user_id) if may_have else None
+        return record, None
+    stats = cache.get(user_id)
     if stats is None or not stats.matches(stored) or stats.updates >= policy.stats_rebuild_every:
-        return Merged(record, UserStats.build(record, catalog.item_factors), False)
-    return Merged(record, stats.updated(record, change, catalog.item_factors), False)
+        return record, UserStats.build(record, catalog.item_factors)
+    return record, stats.updated(record, change, catalog.item_factors)
 
 
-def fold_in(catalog: CatalogSnapshot,
-            users: list[tuple[UserRecord, UserStats | None]]) -> list[np.ndarray]:
+def fold_in(catalog: CatalogSnapshot, users: list[Merged]) -> list[np.ndarray]:
     """Each user's exact vector: from their statistics, else from their history."""
     with_stats = [i for i, (_, stats) in enumerate(users) if stats is not None]
     others = [i for i, (_, stats) in enumerate(users) if stats is None]
@@ -144,31 +136,30 @@ def fold_in(catalog: CatalogSnapshot,
     return vectors
 
 
-def write_user(writer: StoreWriter, merged: Merged, vector: np.ndarray,
-               now: float) -> UserRecord:
-    """Store the record with its new vector, and its statistics (or drop stale ones)."""
-    updated = replace(merged.record, vector=vector, updated_at=now)
+def write_user(writer: StoreWriter, cache: StatsCache, record: UserRecord,
+               stats: UserStats | None, vector: np.ndarray, now: float) -> UserRecord:
+    """Store the record with its new vector; keep its statistics (if any) in the cache."""
+    updated = replace(record, vector=vector, updated_at=now)
     writer.put_user(updated)
-    if merged.stats is not None:
-        writer.put_stats(updated.user_id, merged.stats)
-    elif merged.drop_stored:
-        writer.delete_stats(updated.user_id)
+    if stats is not None:
+        cache.put(updated.user_id, stats)
+    else:
+        cache.discard(updated.user_id)
     return updated
 
 
 def refold(writer: StoreWriter, catalog: CatalogSnapshot, user_ids: Sequence[str],
-           policy: FoldInPolicy, now: float) -> int:
-    """Re-fold the users whose stored vector is not of this model (or decay); how many."""
-    stale = [Merged(catalog.fit(record), None, True) for record in
-             (writer.get_user(u) for u in user_ids)
+           cache: StatsCache, now: float) -> int:
+    """Re-fold the users whose stored vector is not of this model (or decay); how many.
+
+    Their statistics are not rebuilt here: the next event of a user does that.
+    """
+    stale = [(catalog.fit(record), None) for record in (writer.get_user(u) for u in user_ids)
              if record is not None and not record.fits(catalog.model_version,
                                                        catalog.half_life_s)]
-    stale = [Merged(m.record, UserStats.build(m.record, catalog.item_factors), False)
-             if int((m.record.rows >= 0).sum()) >= policy.stats_min_history else m
-             for m in stale]
-    vectors = fold_in(catalog, [(m.record, m.stats) for m in stale])
-    for merged, vector in zip(stale, vectors, strict=True):
-        write_user(writer, merged, vector, now)
+    vectors = fold_in(catalog, stale)  # type: ignore[arg-type]
+    for (record, _), vector in zip(stale, vectors, strict=True):
+        write_user(writer, cache, record, None, vector, now)
     return len(stale)
 
 

@@ -1,8 +1,6 @@
 """The LMDB user store shared by both services: user records, seen events, item counts.
 
 One env, named DBs: ``users`` (user_id -> binary record, see `index.user_record`),
-``user_stats`` (user_id -> the fold-in statistics of users with long histories, see
-`index.user_stats`; only the event service reads them),
 ``seen`` (event_id -> time applied), ``seen_by_time`` (time + event_id, for pruning),
 ``item_counts`` (item_id -> decayed count and its time), ``rejected`` (time + seq ->
 JSON), ``meta`` (including the half-life the item counts decay with, so that the writer
@@ -24,12 +22,11 @@ import lmdb
 
 from index.errors import Exhausted, Unavailable
 from index.user_record import UserRecord
-from index.user_stats import UserStats
 
 T = TypeVar("T")
 _TIME_KEY = struct.Struct(">d")
 _COUNT = struct.Struct("<dd")
-DB_NAMES = ("users", "user_stats", "seen", "seen_by_time", "item_counts", "rejected", "meta")
+DB_NAMES = ("users", "seen", "seen_by_time", "item_counts", "rejected", "meta")
 DEFAULT_MAP_SIZE = 4 << 30
 MAX_MAP_SIZE = 1 << 40
 DEFAULT_ITEM_HALF_LIFE_S = 86_400.0
@@ -96,19 +93,6 @@ class StoreWriter:
     def put_user(self, record: UserRecord) -> None:
         """Write a user's record."""
         self.txn.put(record.user_id.encode("utf-8"), record.encode(), db=self.dbs["users"])
-
-    def get_stats(self, user_id: str) -> UserStats | None:
-        """The user's stored fold-in statistics, or None."""
-        raw = self.txn.get(user_id.encode("utf-8"), db=self.dbs["user_stats"])
-        return None if raw is None else UserStats.decode(user_id, raw)
-
-    def put_stats(self, user_id: str, stats: UserStats) -> None:
-        """Store the user's fold-in statistics."""
-        self.txn.put(user_id.encode("utf-8"), stats.encode(), db=self.dbs["user_stats"])
-
-    def delete_stats(self, user_id: str) -> None:
-        """Forget the user's statistics (if any)."""
-        self.txn.delete(user_id.encode("utf-8"), db=self.dbs["user_stats"])
 
     def user_ids_after(self, after: str, limit: int) -> list[str]:
         """Up to `limit` user ids following `after` in key order ("" = from the first)."""

@@ -2,10 +2,14 @@
 
 History policy: an item's weights accumulate (``weights``, as played) and so do its
 decayed weights (``decayed``: each play's weight times ``0.5 ** (age / half_life_s)``,
-its age taken from the user's latest play, so it depends on the plays alone, not on when
-or in what order they arrived); the item keeps its latest play time; past
+its age taken from the user's latest play of an item in the model's catalog, so it
+depends on the plays alone, not on when or in what order they arrived, and a play of an
+item the model does not know moves nothing); the item keeps its latest play time; past
 `max_history` items the least recently played one is evicted (of equally recent ones,
 the one that entered the history last), and its earlier plays are forgotten with it.
+Items outside the model have no decayed weight; when a later model knows them it is
+derived from their summed weight and latest play (exact for items played once), as it is
+for every item when the half-life changes.
 
 Binary form (never pickle), little-endian: a header (format, flags, dim, history length,
 model-version length, ids-blob length, version, updated_at, half_life_s), the model
@@ -80,9 +84,11 @@ class UserRecord:
         return tuple(self.ids_blob.decode("utf-8").split("\0")) if len(self) else ()
 
     @property
-    def latest(self) -> float:
-        """Time of the latest play (-inf with no history)."""
-        return float(self.last_at.max()) if len(self) else float("-inf")
+    def reference(self) -> float:
+        """Time of the latest play of a known item, which the decay counts ages from
+        (-inf when there is none)."""
+        known = self.last_at[self.rows >= 0]
+        return float(known.max()) if len(known) else float("-inf")
 
     def encode(self) -> bytes:
         """Compact binary form (never pickle)."""
@@ -139,12 +145,19 @@ class UserRecord:
         if self.fits(model_version, half_life_s):
             return self
         rows = np.fromiter((row_of.get(i, -1) for i in self.item_ids), np.int32, len(self))
-        decayed = self.decayed if half_life_s == self.half_life_s \
-            else self.weights * decay(self.latest - self.last_at, half_life_s)
+        moved = replace(self, rows=rows)
+        reference = moved.reference
+        # Known items are at most as recent as the reference; unknown ones get no weight.
+        age = np.maximum(reference - self.last_at, 0.0) if reference > -np.inf else 0.0
+        derived = self.weights * decay(age, half_life_s)
+        if self.rows_valid and half_life_s == self.half_life_s and \
+                -np.inf < self.reference <= reference:
+            kept = (self.rows >= 0) & (rows >= 0)  # known before and after: rescale only
+            derived[kept] = self.decayed[kept] * decay(reference - self.reference, half_life_s)
         # The vector is a function of model, decay and history: it survives only a remap.
         same = (model_version, half_life_s) == (self.model_version, self.half_life_s)
-        return replace(self, model_version=model_version, half_life_s=half_life_s, rows=rows,
-                       rows_valid=True, decayed=np.asarray(decayed, np.float64),
+        return replace(moved, model_version=model_version, half_life_s=half_life_s,
+                       rows_valid=True, decayed=np.where(rows >= 0, derived, 0.0),
                        vector=self.vector if same else np.zeros(0, np.float32))
 
     def fits(self, model_version: str, half_life_s: float) -> bool:
@@ -161,17 +174,21 @@ class UserRecord:
         whole arrays.
         """
         assert self.rows_valid, "remap the record with under() first"
-        latest = max(self.latest, max(at for _, _, at in plays))
-        added = _merge(plays, latest, self.half_life_s)
-        scale = float(decay(latest - self.latest, self.half_life_s)) if len(self) else 1.0
+        before = self.reference
+        reference = max([before] + [at for item, _, at in plays if row_of.get(item, -1) >= 0])
+        added = _merge(plays, reference, self.half_life_s, row_of)
+        scale = float(decay(reference - before, self.half_life_s)) if before > -np.inf else 1.0
         rows = [row_of.get(item, -1) for item in added]
         found = [self._find(item, row) for item, row in zip(added, rows, strict=True)]
         grown = _grow(self, added, rows, found, scale)
         evicted = _evicted(grown[3], max_history)
         change = _change(self, added, rows, found, evicted, scale)
         new_ids = [item for item, k in zip(added, found, strict=True) if k < 0]
-        rows_, weights, decayed, last_at = (np.delete(a, evicted) if evicted else a
-                                            for a in grown)
+        if evicted:
+            keep = np.ones(len(grown[0]), bool)
+            keep[evicted] = False
+            grown = tuple(column[keep] for column in grown)
+        rows_, weights, decayed, last_at = grown
         record = replace(self, version=self.version + len(plays), rows=rows_,
                          weights=weights.astype(np.float32), decayed=decayed, last_at=last_at,
                          ids_blob=_cut_ids(_append_ids(self.ids_blob, new_ids), evicted))
@@ -197,14 +214,15 @@ class UserRecord:
         return -1 if at < 0 else padded.count(b"\0", 0, at + 1) - 1
 
 
-def _merge(plays: Sequence[Play], latest: float,
-           half_life_s: float) -> dict[str, tuple[float, float, float]]:
+def _merge(plays: Sequence[Play], reference: float, half_life_s: float,
+           row_of: Mapping[str, int]) -> dict[str, tuple[float, float, float]]:
     """A group's plays by item: (summed weight, summed decayed weight, latest time)."""
     merged: dict[str, list[float]] = {}
     for item, weight, at in plays:
         entry = merged.setdefault(item, [0.0, 0.0, at])
         entry[0] += weight
-        entry[1] += weight * decay(latest - at, half_life_s)
+        if item in row_of:  # an item outside the model has no decayed weight
+            entry[1] += weight * decay(reference - at, half_life_s)
         entry[2] = max(entry[2], at)
     return {item: (w, d, t) for item, (w, d, t) in merged.items()}
 

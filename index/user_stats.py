@@ -1,4 +1,4 @@
-"""Per-user sufficient statistics of the fold-in, kept exact by rank-1 updates.
+"""Per-user sufficient statistics of the fold-in, kept exact by rank-1 updates, in memory.
 
 For a user with history items i (rows in the model's catalog) and decayed weights D_i:
 
@@ -12,21 +12,24 @@ rescales every D by one factor when the latest play moves (P and m scale with it
 changes the D of a few items (played, entering, leaving): one rank-1 term each, O(d^2)
 whatever the history's length. Float64, since float32 sums drift by ~1e-5 over 10k
 updates; they are rebuilt from the history now and then all the same (`rebuild_every`).
+
+They are derived data, so they are never stored: the history in the user's record is the
+truth. The writer keeps those of recently active users in a `StatsCache` (LRU, bounded
+in bytes); a user who is not in it (evicted, or after a restart) gets them rebuilt from
+the history on their next event, one re-solve, and O(d^2) updates from then on. Writing
+them with every event would cost ~17 KB of LMDB pages per event at d = 64.
 """
 
 from __future__ import annotations
 
-import struct
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
+from scipy.linalg import blas
 
 from index.user_record import Change, UserRecord
-
-STATS_FORMAT = 1
-# format, dim, model-version length, updates since the last rebuild, record version, half-life
-_HEADER = struct.Struct("<BxHHIQd")
 
 
 @cache
@@ -51,6 +54,11 @@ class UserStats:
         """Dimension of the model."""
         return len(self.linear)
 
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the arrays."""
+        return int(self.packed.nbytes + self.linear.nbytes + self.weighted.nbytes)
+
     def matches(self, record: UserRecord) -> bool:
         """True if these are the statistics of exactly this record."""
         return (self.model_version, self.half_life_s, self.record_version) == (
@@ -68,12 +76,14 @@ class UserStats:
     def updated(self, record: UserRecord, change: Change, factors: np.ndarray) -> UserStats:
         """The statistics of `record`, merged from these by `change`: the rescale, then one
         term per changed item."""
-        upper = _upper(self.dim)
         packed, weighted = self.packed * change.scale, self.weighted * change.scale
         linear = self.linear.copy()
         if len(change.rows):
             y = np.asarray(factors[change.rows], np.float64)
-            packed += ((y.T * change.deltas) @ y)[upper]
+            for row, delta in zip(y, change.deltas.tolist(), strict=True):
+                # BLAS dspr: packed += delta * row row^T, in place (our packed layout is
+                # LAPACK's lower-packed one, the transpose of a symmetric matrix: itself)
+                blas.dspr(self.dim, delta, row, packed, lower=1, overwrite_ap=1)
             weighted += y.T @ change.deltas
         if len(change.entered):
             linear += np.asarray(factors[change.entered], np.float64).sum(axis=0)
@@ -90,27 +100,35 @@ class UserStats:
         full[cols, rows] = self.packed
         return full
 
-    def encode(self) -> bytes:
-        """Binary form: header, model version, then packed P, s and m (float64)."""
-        model = self.model_version.encode("utf-8")
-        return b"".join((_HEADER.pack(STATS_FORMAT, self.dim, len(model), self.updates,
-                                      self.record_version, self.half_life_s), model,
-                         self.packed.astype("<f8").tobytes(), self.linear.astype("<f8").tobytes(),
-                         self.weighted.astype("<f8").tobytes()))
 
-    @staticmethod
-    def decode(user_id: str, raw: bytes | memoryview) -> UserStats:
-        """Parse `encode`'s output; ValueError if it is not one."""
-        raw = bytes(raw)
-        if len(raw) < _HEADER.size or raw[0] != STATS_FORMAT:
-            raise ValueError(f"user {user_id!r}: not a stats record of format {STATS_FORMAT}")
-        _, dim, model_len, updates, record_version, half_life = _HEADER.unpack_from(raw)
-        at = _HEADER.size + model_len
-        floats = dim * (dim + 1) // 2 + 2 * dim
-        if at + 8 * floats != len(raw):
-            raise ValueError(f"user {user_id!r}: stats length does not match their header")
-        values = np.frombuffer(raw, "<f8", floats, at)
-        packed = dim * (dim + 1) // 2
-        return UserStats(raw[_HEADER.size:at].decode("utf-8"), half_life, record_version,
-                         updates, values[:packed], values[packed:packed + dim],
-                         values[packed + dim:])
+class StatsCache:
+    """The statistics of recently active users, least recently used out first."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._entries: OrderedDict[str, UserStats] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, user_id: str) -> UserStats | None:
+        """The user's statistics, if cached (they count as just used)."""
+        stats = self._entries.get(user_id)
+        if stats is not None:
+            self._entries.move_to_end(user_id)
+        return stats
+
+    def put(self, user_id: str, stats: UserStats) -> None:
+        """Cache the user's statistics, evicting the least recently used past the bound."""
+        self.discard(user_id)
+        self._entries[user_id] = stats
+        self.nbytes += stats.nbytes
+        while self.nbytes > self.max_bytes and self._entries:
+            self.nbytes -= self._entries.popitem(last=False)[1].nbytes
+
+    def discard(self, user_id: str) -> None:
+        """Forget the user's statistics, if cached."""
+        stats = self._entries.pop(user_id, None)
+        if stats is not None:
+            self.nbytes -= stats.nbytes

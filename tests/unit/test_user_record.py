@@ -76,26 +76,33 @@ def test_history_accumulates_repeats_and_keeps_the_most_recent() -> None:
     assert record.rows.tolist() == [2, 4]
 
 
-def test_decay_weighs_each_play_by_its_age_from_the_latest() -> None:
-    plays = [("i2", 1.0, 0.0), ("i4", 1.0, 60.0), ("i2", 1.0, 120.0), ("i5", 0.5, 90.0)]
+def test_decay_weighs_each_play_by_its_age_from_the_latest_known_one() -> None:
+    plays = [("i2", 1.0, 0.0), ("i4", 1.0, 60.0), ("i2", 1.0, 120.0), ("i6", 0.5, 90.0),
+             ("i5", 1.0, 600.0)]  # i5 is not in the catalog: it moves nothing
     record = record_of(plays, half_life_s=60.0)
     decayed = dict(zip(record.item_ids, record.decayed.tolist(), strict=True))
+    assert record.reference == 120.0
     assert decayed["i2"] == pytest.approx(1.0 + 0.25)  # ages 0 and 120 s
     assert decayed["i4"] == pytest.approx(0.5)
-    assert decayed["i5"] == pytest.approx(0.5 * 0.5 ** 0.5)
-    assert record_of(plays).decayed.tolist() == record.weights.tolist()  # off: undecayed
+    assert decayed["i6"] == pytest.approx(0.5 * 0.5 ** 0.5)
+    assert decayed["i5"] == 0.0
+    undecayed = record_of(plays)
+    assert undecayed.decayed.tolist() == [1.0 * (i != "i5") * w for i, w in
+                                          zip(undecayed.item_ids, undecayed.weights.tolist(),
+                                              strict=True)]
     assert decay(np.array([0.0, 30.0]), 30.0).tolist() == [1.0, 0.5]
 
 
 def _reference(plays: list[tuple[str, float, float]], cap: int,
                half_life_s: float) -> dict[str, tuple[float, float, float]]:
-    """The policy spelled out: sums, decayed sums, latest time per item, the newest kept."""
-    latest = max(at for _, _, at in plays)
+    """The policy spelled out: sums, decayed sums (ages from the latest known play), latest
+    time per item, the newest kept."""
+    latest = max([at for item, _, at in plays if item in ROWS], default=0.0)
     merged: dict[str, list[float]] = {}
     for item, weight, at in plays:
         entry = merged.setdefault(item, [0.0, 0.0, at])
         entry[0] += weight
-        entry[1] += weight * float(decay(latest - at, half_life_s))
+        entry[1] += weight * float(decay(latest - at, half_life_s)) if item in ROWS else 0.0
         entry[2] = max(entry[2], at)
     kept = sorted(merged, key=lambda i: -merged[i][2])[:cap]  # stable: the first seen first
     return {i: (merged[i][0], merged[i][1], merged[i][2]) for i in kept}
@@ -151,7 +158,9 @@ def test_the_change_is_exactly_what_moved(before: list[tuple[str, float, float]]
         assert moved.get(row, 0.0) == pytest.approx(expected, abs=1e-12)
     assert set(change.entered.tolist()) == after.keys() - weight.keys()
     assert set(change.left.tolist()) == weight.keys() - after.keys()
-    assert change.scale == pytest.approx(float(decay(new.latest - old.latest, half_life)))
+    if -np.inf < old.reference and -np.inf < new.reference:  # else nothing known to scale
+        assert change.scale == pytest.approx(float(decay(new.reference - old.reference,
+                                                         half_life)))
 
 
 def test_a_remap_to_another_model_drops_the_vector_and_maps_the_rows() -> None:
@@ -159,5 +168,17 @@ def test_a_remap_to_another_model_drops_the_vector_and_maps_the_rows() -> None:
     record = UserRecord.decode("u", record.encode())
     moved = record.under("m2", {"i3": 7}, 0.0)
     assert moved.rows.tolist() == [-1, 7] and len(moved.vector) == 0
+    assert moved.decayed.tolist() == [0.0, 1.0]  # i3 is known now: its weight is derived
     assert moved.fits("m2", 0.0) and not moved.fits("m2", 60.0)
     assert record.under("m1", ROWS, 0.0) is record
+
+
+def test_a_remap_keeps_the_decay_of_items_known_before_and_after() -> None:
+    record = record_of([("i2", 1.0, 0.0), ("i2", 1.0, 60.0), ("i3", 1.0, 120.0)],
+                       half_life_s=60.0)
+    assert record.reference == 60.0 and record.decayed.tolist() == [1.5, 0.0]
+    moved = record.under("m2", {"i2": 1, "i3": 2}, 60.0)  # i3 known now: the latest play
+    assert moved.reference == 120.0
+    assert moved.decayed.tolist() == pytest.approx([0.75, 1.0])  # i2 rescaled, exactly
+    respaced = record.under("m1", ROWS, 30.0)  # a new half-life: derived from the sums
+    assert respaced.decayed.tolist() == pytest.approx([2.0 * 0.5 ** 0, 0.0])
