@@ -148,7 +148,8 @@ class UserRecord:
         moved = replace(self, rows=rows)
         reference = moved.reference
         # Known items are at most as recent as the reference; unknown ones get no weight.
-        age = np.maximum(reference - self.last_at, 0.0) if reference > -np.inf else 0.0
+        age = np.maximum(reference - self.last_at, 0.0) if reference > -np.inf \
+            else np.zeros(len(self))
         derived = self.weights * decay(age, half_life_s)
         if self.rows_valid and half_life_s == self.half_life_s and \
                 -np.inf < self.reference <= reference:
