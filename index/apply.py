@@ -33,7 +33,7 @@ class FoldInPolicy:
     """
 
     max_history: int = MAX_HISTORY
-    stats_min_history: int = 64
+    stats_min_history: int = 32
     stats_rebuild_every: int = 1000
 
     def __post_init__(self) -> None:
