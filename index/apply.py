@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -112,7 +112,7 @@ def _merge(writer: StoreWriter, catalog: CatalogSnapshot, cache: StatsCache, use
            plays: list[Play], policy: FoldInPolicy) -> Merged:
     stored = catalog.fit(writer.get_user(user_id) or UserRecord.new(user_id))
     record, change = stored.with_plays(plays, catalog.item_index, policy.max_history)
-    if int((record.rows >= 0).sum()) < policy.stats_min_history:
+    if record.known_count < policy.stats_min_history:
         return record, None
     stats = cache.get(user_id)
     if stats is None or not stats.matches(stored) or stats.updates >= policy.stats_rebuild_every:
@@ -139,7 +139,7 @@ def fold_in(catalog: CatalogSnapshot, users: list[Merged]) -> list[np.ndarray]:
 def write_user(writer: StoreWriter, cache: StatsCache, record: UserRecord,
                stats: UserStats | None, vector: np.ndarray, now: float) -> UserRecord:
     """Store the record with its new vector; keep its statistics (if any) in the cache."""
-    updated = replace(record, vector=vector, updated_at=now)
+    updated = record.evolve(vector=vector, updated_at=now)
     writer.put_user(updated)
     if stats is not None:
         cache.put(updated.user_id, stats)

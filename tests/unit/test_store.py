@@ -68,7 +68,7 @@ def test_map_full_grows_the_map_and_keeps_every_write(tmp_path: Path) -> None:
                                             {})
     for batch in range(20):
         store.transact(lambda w, b=batch: [
-            w.put_user(UserRecord(f"u{b}-{i}", *list(big.__dict__.values())[1:]))
+            w.put_user(big.evolve(user_id=f"u{b}-{i}"))
             for i in range(10)])
     assert store.env.info()["map_size"] > 256 * 1024
     assert store.count("users") == 200

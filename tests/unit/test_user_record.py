@@ -33,14 +33,17 @@ def test_record_round_trips(user: str, dim: int, model: str, version: int,
                             items: list[str]) -> None:
     rng = np.random.default_rng(len(items))
     n = len(items)
+    encoded = [i.encode() for i in items]
     record = UserRecord(user, rng.normal(size=dim).astype(np.float32), model, version, 1.5e9,
-                        30.0, rng.integers(-1, 100, n).astype(np.int32), True,
+                        30.0, 7.0, rng.integers(-1, 100, n).astype(np.int32), True,
                         rng.uniform(size=n).astype(np.float32), rng.uniform(size=n),
-                        rng.uniform(0, 2e9, n), "\0".join(items).encode())
+                        rng.uniform(0, 2e9, n), np.array([len(e) for e in encoded], np.uint16),
+                        b"".join(encoded))
     decoded = UserRecord.decode(user, record.encode())
     assert decoded.item_ids == tuple(items)
-    assert (decoded.model_version, decoded.version, decoded.half_life_s) == (model, version, 30.0)
-    for name in ("vector", "rows", "weights", "decayed", "last_at"):
+    assert (decoded.model_version, decoded.version, decoded.half_life_s,
+            decoded.reference) == (model, version, 30.0, 7.0)
+    for name in ("vector", "rows", "weights", "decayed", "last_at", "id_lengths"):
         np.testing.assert_array_equal(getattr(decoded, name), getattr(record, name))
 
 
@@ -96,7 +99,7 @@ def test_decay_weighs_each_play_by_its_age_from_the_latest_known_one() -> None:
 def _reference(plays: list[tuple[str, float, float]], cap: int,
                half_life_s: float) -> dict[str, tuple[float, float, float]]:
     """The policy spelled out: sums, decayed sums (ages from the latest known play), latest
-    time per item, the newest kept."""
+    time per item, the newest kept (of equal times, the smaller ids)."""
     latest = max([at for item, _, at in plays if item in ROWS], default=0.0)
     merged: dict[str, list[float]] = {}
     for item, weight, at in plays:
@@ -104,7 +107,7 @@ def _reference(plays: list[tuple[str, float, float]], cap: int,
         entry[0] += weight
         entry[1] += weight * float(decay(latest - at, half_life_s)) if item in ROWS else 0.0
         entry[2] = max(entry[2], at)
-    kept = sorted(merged, key=lambda i: -merged[i][2])[:cap]  # stable: the first seen first
+    kept = sorted(merged, key=lambda i: (-merged[i][2], i.encode()))[:cap]
     return {i: (merged[i][0], merged[i][1], merged[i][2]) for i in kept}
 
 
@@ -139,7 +142,8 @@ def test_eviction_keeps_the_most_recent_items_in_one_pass(
     record = record_of(plays, cap)
     assert set(record.item_ids) == set(_reference(plays, cap, 0.0))
     assert len(record) == min(cap, len({p[0] for p in plays}))
-    assert record.ids_blob.count(b"\0") == max(len(record) - 1, 0)
+    assert len(record.ids) == sum(record.id_lengths.tolist())
+    assert record.item_ids == tuple(record.item_id(k) for k in range(len(record)))
 
 
 @settings(max_examples=200, deadline=None)
@@ -182,3 +186,20 @@ def test_a_remap_keeps_the_decay_of_items_known_before_and_after() -> None:
     assert moved.decayed.tolist() == pytest.approx([0.75, 1.0])  # i2 rescaled, exactly
     respaced = record.under("m1", ROWS, 30.0)  # a new half-life: derived from the sums
     assert respaced.decayed.tolist() == pytest.approx([2.0 * 0.5 ** 0, 0.0])
+
+
+def test_a_lowered_cap_evicts_down_to_it_and_reports_every_item_that_left() -> None:
+    plays = [(f"i{2 * n}", 1.0, float(n)) for n in range(10)]
+    record = record_of(plays, cap=10)
+    smaller, change = record.with_plays([("i20", 1.0, 20.0)], ROWS, max_history=5)
+    assert smaller.item_ids == ("i20", "i12", "i14", "i16", "i18")  # the slot of the oldest
+    assert sorted(change.left.tolist()) == [0, 2, 4, 6, 8, 10]
+    assert change.entered.tolist() == [20]
+    assert len(smaller.ids) == sum(smaller.id_lengths.tolist())
+
+
+def test_equally_recent_items_are_evicted_greatest_id_first_whatever_the_order() -> None:
+    plays = [("i2", 1.0, 5.0), ("i10", 1.0, 5.0), ("i4", 1.0, 5.0), ("i6", 1.0, 9.0)]
+    for order in ([0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2]):
+        record = record_of([plays[k] for k in order], cap=2)
+        assert sorted(record.item_ids) == ["i10", "i6"]  # "i4" > "i2" > "i10" as bytes
