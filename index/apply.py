@@ -15,9 +15,10 @@ import numpy as np
 
 from index.catalog import CatalogSnapshot
 from index.events import Event, EventWeights, Rejection
+from index.history import Play
 from index.model import History
 from index.store import StoreWriter
-from index.user_record import MAX_HISTORY, Play, UserRecord
+from index.user_record import MAX_HISTORY, UserRecord
 from index.user_stats import StatsCache, UserStats
 
 

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.linalg import blas
 
-from index.user_record import Change, UserRecord
+from index.history import Change
+from index.user_record import UserRecord
 
 
 @dataclass(frozen=True)

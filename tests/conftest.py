@@ -9,10 +9,11 @@ import pytest
 from index import snapshots_dir
 from index.build import BuildReport, build
 from index.catalog import CatalogSnapshot
+from index.history import Play
 from index.model import AlsParams
 from index.synthetic import synthetic
 from index.tables import Dataset
-from index.user_record import Play, UserRecord
+from index.user_record import UserRecord
 from rpc.server import pin_native_threads
 
 SMALL_ALS = AlsParams(factors=32, regularization=0.1, alpha=10.0, iterations=10, seed=0)
