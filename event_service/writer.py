@@ -253,7 +253,10 @@ class Writer:
 
         def work(writer: StoreWriter) -> tuple[list[str], int]:
             ids = writer.user_ids_after(after, batch)
-            return ids, refold(writer, catalog, ids, self.stats, time.time())
+            done = refold(writer, catalog, ids, self.stats, time.time())
+            if len(ids) < batch:  # the last batch: every user is under this model now
+                writer.put_meta(USERS_MODEL_KEY, catalog.model_version)
+            return ids, done
 
         try:
             ids, done = self.store.transact(work)
@@ -264,7 +267,6 @@ class Writer:
         self._refold_after = ids[-1] if len(ids) == batch else None
         self._refold_due = time.monotonic() + batch / self.config.refold_per_s
         if self._refold_after is None:
-            self.store.transact(lambda w: w.put_meta(USERS_MODEL_KEY, catalog.model_version))
             log.info("every user is folded in under model %s", catalog.model_version)
 
     def status(self) -> dict[str, Any]:

@@ -124,11 +124,11 @@ def _merge(writer: StoreWriter, catalog: CatalogSnapshot, cache: StatsCache, use
 
 def fold_in(catalog: CatalogSnapshot, users: list[Merged]) -> list[np.ndarray]:
     """Each user's exact vector: from their statistics, else from their history."""
-    with_stats = [i for i, (_, stats) in enumerate(users) if stats is not None]
+    with_stats = [(i, stats) for i, (_, stats) in enumerate(users) if stats is not None]
     others = [i for i, (_, stats) in enumerate(users) if stats is None]
     vectors: list[np.ndarray] = [np.zeros(0, np.float32)] * len(users)
-    solved = catalog.fold_in.from_stats([users[i][1] for i in with_stats])  # type: ignore[misc]
-    for i, vector in zip(with_stats, solved, strict=True):
+    solved = catalog.fold_in.from_stats([stats for _, stats in with_stats])
+    for (i, _), vector in zip(with_stats, solved, strict=True):
         vectors[i] = vector
     histories = [History(*users[i][0].known()) for i in others]
     for i, history, vector in zip(others, histories, catalog.fold_in.exact(histories),
@@ -156,10 +156,10 @@ def refold(writer: StoreWriter, catalog: CatalogSnapshot, user_ids: Sequence[str
 
     Their statistics are not rebuilt here: the next event of a user does that.
     """
-    stale = [(catalog.fit(record), None) for record in (writer.get_user(u) for u in user_ids)
-             if record is not None and not record.fits(catalog.model_version,
-                                                       catalog.half_life_s)]
-    vectors = fold_in(catalog, stale)  # type: ignore[arg-type]
+    stale: list[Merged] = [
+        (catalog.fit(record), None) for record in (writer.get_user(u) for u in user_ids)
+        if record is not None and not record.fits(catalog.model_version, catalog.half_life_s)]
+    vectors = fold_in(catalog, stale)
     for (record, _), vector in zip(stale, vectors, strict=True):
         write_user(writer, cache, record, None, vector, now)
     return len(stale)

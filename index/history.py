@@ -119,8 +119,7 @@ class HistoryMerge:
         return Change(self.scale, np.array(columns[0], np.int64),
                       np.array(columns[1], np.float64), np.array(columns[2], np.int8))
 
-    def apply(self, victims: tuple[list[int], set[int]], change: Change,
-              plays: int) -> UserRecord:
+    def apply(self, victims: tuple[list[int], set[int]], plays: int) -> UserRecord:
         """The new record: surviving new items fill the evicted slots, the rest appended."""
         old_out, new_out = victims
         record = self.record
@@ -150,13 +149,11 @@ class HistoryMerge:
                             for c, t in zip(columns, tail, strict=True))
             ids += b"".join(encoded[j] for j in appended)
         rows, weights, decayed, last_at, lengths = columns
-        known = record.known_count + int(change.membership.sum())
-        merged = record.evolve(version=record.version + plays,
-                               reference=self.reference if known else float("-inf"), rows=rows,
-                               weights=weights.astype(np.float32), decayed=decayed,
-                               last_at=last_at, id_lengths=lengths, ids=ids)
-        merged.__dict__["known_count"] = known  # what the cached property would count
-        return merged
+        known = bool(np.any(rows >= 0))
+        return record.evolve(version=record.version + plays,
+                             reference=self.reference if known else float("-inf"), rows=rows,
+                             weights=weights.astype(np.float32), decayed=decayed,
+                             last_at=last_at, id_lengths=lengths, ids=ids)
 
 
 def _drop(columns: tuple[np.ndarray, ...], ids: bytes,

@@ -5,7 +5,7 @@ implicit-feedback weight of a (user, item) pair. `implicit` scales its matrix by
 ``alpha`` and treats the result as ``c`` directly, so we hand it ``c`` and set its alpha
 to 1: the batch model and the online fold-in then share one convention. The batch model
 is trained on undecayed weights; the fold-in of a user decays each play's weight by
-``0.5 ** (age / half_life_s)`` (`index.user_record`), which is 1 with the decay off.
+``0.5 ** (age / half_life_s)`` (`index.history`), which is 1 with the decay off.
 """
 
 from __future__ import annotations

@@ -42,8 +42,7 @@ class StoreWriteError(Unavailable):
     """A write failed (an I/O error at commit); nothing of it was committed."""
 
 
-def _decayed(raw: bytes | memoryview, now: float, half_life: float) -> float:
-    count, then = _COUNT.unpack(raw)
+def _decay_count(count: float, then: float, now: float, half_life: float) -> float:
     return float(count * 0.5 ** (max(now - then, 0.0) / half_life))
 
 
@@ -122,8 +121,8 @@ class StoreWriter:
             self._half_life = _half_life(self.txn, self.dbs["meta"])
         key = item_id.encode("utf-8")
         raw = self.txn.get(key, db=self.dbs["item_counts"])
-        then = _COUNT.unpack(raw)[1] if raw else at
-        count = _decayed(raw, at, self._half_life) if raw else 0.0
+        count, then = _COUNT.unpack(raw) if raw else (0.0, at)
+        count = _decay_count(count, then, at, self._half_life)
         self.txn.put(key, _COUNT.pack(count + weight, max(at, then)), db=self.dbs["item_counts"])
 
     def put_rejected(self, at: float, seq: int, info: dict[str, Any]) -> None:
@@ -170,15 +169,9 @@ class UserStore:
                              max_readers=max_readers, readonly=readonly, sync=sync,
                              metasync=sync, readahead=False)
         self.reap_stale_readers()
-        self.dbs = {name: db for name in DB_NAMES
-                    if (db := self._open_db(name, readonly)) is not None}
+        self.dbs = {name: self.env.open_db(name.encode(), create=not readonly)
+                    for name in DB_NAMES}
         self._lock = _ResizeLock()
-
-    def _open_db(self, name: str, readonly: bool) -> Any:
-        try:
-            return self.env.open_db(name.encode(), create=not readonly)
-        except lmdb.NotFoundError:  # a reader of a store its writer has not upgraded yet
-            return None
 
     def reap_stale_readers(self) -> int:
         """Free reader slots left by killed processes (else they pin old pages forever)."""
@@ -225,8 +218,11 @@ class UserStore:
         """Every item's play count, decayed to `now` with the store's half-life."""
         with self._read() as txn:
             half_life = _half_life(txn, self.dbs["meta"])
-            return {bytes(key).decode("utf-8"): _decayed(value, now, half_life)
-                    for key, value in txn.cursor(db=self.dbs["item_counts"])}
+            counts = {}
+            for key, value in txn.cursor(db=self.dbs["item_counts"]):
+                count, then = _COUNT.unpack(value)
+                counts[bytes(key).decode("utf-8")] = _decay_count(count, then, now, half_life)
+            return counts
 
     def item_half_life(self) -> float:
         """Seconds it takes an item's play count to halve."""

@@ -103,17 +103,12 @@ class UserRecord:
         _, flags, dim, n, model_len, ids_len, version, updated_at, half_life, reference = \
             _HEADER.unpack_from(raw)
         at = _HEADER.size + model_len
-        if at + 4 * dim + 26 * n + ids_len != len(raw):
-            raise ValueError(f"user {user_id!r}: record length does not match its header")
-        vector, at = _view(raw, "<f4", dim, at)
-        rows, at = _view(raw, "<i4", n, at)
-        weights, at = _view(raw, "<f4", n, at)
-        decayed, at = _view(raw, "<f8", n, at)
-        last_at, at = _view(raw, "<f8", n, at)
-        lengths, at = _view(raw, "<u2", n, at)
-        return UserRecord(user_id, vector, raw[_HEADER.size:_HEADER.size + model_len].decode(),
-                          version, updated_at, half_life, reference, rows,
-                          bool(flags & ROWS_VALID), weights, decayed, last_at, lengths, raw[at:])
+        (vector, rows, weights, decayed, last_at, lengths), ids = _columns(
+            user_id, raw, at, ids_len, [("<f4", dim), ("<i4", n), ("<f4", n), ("<f8", n),
+                                        ("<f8", n), ("<u2", n)])
+        return UserRecord(user_id, vector, raw[_HEADER.size:at].decode(), version, updated_at,
+                          half_life, reference, rows, bool(flags & ROWS_VALID), weights,
+                          decayed, last_at, lengths, ids)
 
     @staticmethod
     def new(user_id: str) -> UserRecord:
@@ -167,7 +162,7 @@ class UserRecord:
         merge = HistoryMerge(self, plays, row_of, reference)
         victims = merge.victims(max_history)
         change = merge.change(victims)
-        record = merge.apply(victims, change, len(plays))
+        record = merge.apply(victims, len(plays))
         return record, change
 
     def known(self) -> tuple[np.ndarray, np.ndarray]:
@@ -199,24 +194,29 @@ def _bytes(array: np.ndarray, dtype: str) -> bytes:
     return array.astype(dtype, copy=False).tobytes()
 
 
-def _view(raw: bytes, dtype: str, count: int, at: int) -> tuple[np.ndarray, int]:
-    array = np.frombuffer(raw, dtype, count, at)
-    return array, at + array.nbytes
+def _columns(user_id: str, raw: bytes, at: int, ids_len: int,
+             layout: list[tuple[str, int]]) -> tuple[list[np.ndarray], bytes]:
+    """Views of the arrays laid out from `at` (dtype, count each), and the ids after them."""
+    end = at + sum(np.dtype(dtype).itemsize * count for dtype, count in layout)
+    if end + ids_len != len(raw):
+        raise ValueError(f"user {user_id!r}: record length does not match its header")
+    arrays = []
+    for dtype, count in layout:
+        arrays.append(np.frombuffer(raw, dtype, count, at))
+        at += arrays[-1].nbytes
+    return arrays, raw[end:]
 
 
 def _decode_v1(user_id: str, raw: bytes) -> UserRecord:
     """A format-1 record: no rows (remapped on first use) and undecayed weights."""
     _, _, dim, n, model_len, ids_len, version, updated_at = _HEADER_V1.unpack_from(raw)
     at = _HEADER_V1.size + model_len
-    if at + 4 * dim + 12 * n + ids_len != len(raw):
-        raise ValueError(f"user {user_id!r}: record length does not match its header")
-    vector, at = _view(raw, "<f4", dim, at)
-    weights, at = _view(raw, "<f4", n, at)
-    last_at, at = _view(raw, "<f8", n, at)
-    ids = raw[at:].split(b"\0") if n else []
+    (vector, weights, last_at), blob = _columns(user_id, raw, at, ids_len,
+                                                [("<f4", dim), ("<f4", n), ("<f8", n)])
+    ids = blob.split(b"\0") if n else []
     if len(ids) != n:
         raise ValueError(f"user {user_id!r}: {len(ids)} item ids, header says {n}")
-    return UserRecord(user_id, vector, raw[_HEADER_V1.size:_HEADER_V1.size + model_len].decode(),
+    return UserRecord(user_id, vector, raw[_HEADER_V1.size:at].decode(),
                       version, updated_at, 0.0, float("-inf"), np.full(n, -1, np.int32), False,
                       weights, weights.astype(np.float64), last_at,
                       np.array([len(i) for i in ids], np.uint16), b"".join(ids))

@@ -7,7 +7,7 @@ For a user with history items i (rows in the model's catalog) and decayed weight
     m = sum D_i y_i
 
 so that the exact fold-in with confidences c = 1 + alpha * D is
-``x = (Y^T Y + lambda I + alpha P)^-1 (s + alpha m)``. A merge (`index.user_record.Change`)
+``x = (Y^T Y + lambda I + alpha P)^-1 (s + alpha m)``. A merge (`index.history.Change`)
 rescales every D by one factor when the latest play moves (P and m scale with it) and
 changes the D of a few items (played, entering, leaving): one rank-1 term each (BLAS
 dsyr), O(d^2) whatever the history's length, then one Cholesky solve (LAPACK dposv).
