@@ -133,13 +133,14 @@ class StoreWriter:
     def put_meta(self, key: str, value: str) -> None:
         """Set a meta entry."""
         self.txn.put(key.encode("utf-8"), value.encode("utf-8"), db=self.dbs["meta"])
+        if key.encode("utf-8") == HALF_LIFE_KEY:
+            self._half_life = None  # read again on the next count
 
     def set_item_half_life(self, seconds: float) -> None:
         """Decay item counts with this half-life from now on (writer and readers alike)."""
         if not seconds > 0:
             raise ValueError(f"the item half-life must be > 0 s, got {seconds}")
         self.put_meta(HALF_LIFE_KEY.decode(), repr(float(seconds)))
-        self._half_life = float(seconds)
 
     def prune_seen(self, before: float, limit: int) -> int:
         """Forget up to `limit` event ids applied before `before`; returns how many."""
@@ -259,15 +260,42 @@ class UserStore:
         nothing is committed then.
         """
         while True:
+            txn, result = self.prepare(work)
             try:
-                with self.env.begin(write=True) as txn:
-                    return work(StoreWriter(txn, self.dbs))
+                self.commit(txn)
+                return result
+            except StoreWriteError as exc:
+                if not isinstance(exc.__cause__, lmdb.MapFullError):
+                    raise
+                self._grow()  # the commit itself needed pages: grow and run it again
+
+    def prepare(self, work: Callable[[StoreWriter], T]) -> tuple[lmdb.Transaction, T]:
+        """Run `work` in a write txn left open (rerun after growing a full map): the caller
+        then `commit`s it or aborts it (the log mode publishes the changelog in between)."""
+        while True:
+            txn = self.env.begin(write=True)
+            try:
+                return txn, work(StoreWriter(txn, self.dbs))
             except lmdb.MapFullError:
+                txn.abort()
                 self._grow()
-            except lmdb.DiskError as exc:
-                raise StoreFullError(f"{self.path}: disk full: {exc}") from exc
-            except lmdb.Error as exc:  # e.g. EIO when a full disk cuts a commit short
-                raise StoreWriteError(f"{self.path}: write failed: {exc}") from exc
+            except BaseException as exc:
+                txn.abort()
+                if isinstance(exc, lmdb.Error):
+                    raise self._failure(exc) from exc
+                raise
+
+    def commit(self, txn: lmdb.Transaction) -> None:
+        """Commit a prepared txn (StoreFullError, StoreWriteError: nothing is committed)."""
+        try:
+            txn.commit()
+        except lmdb.Error as exc:
+            raise self._failure(exc) from exc
+
+    def _failure(self, exc: lmdb.Error) -> Exception:
+        if isinstance(exc, lmdb.DiskError):
+            return StoreFullError(f"{self.path}: disk full: {exc}")
+        return StoreWriteError(f"{self.path}: write failed: {exc}")  # e.g. EIO at commit
 
     def _grow(self) -> None:
         size = int(self.env.info()["map_size"]) * 2
