@@ -13,6 +13,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from eventlog.config import LogConfig
 from index.events import Limits
 
 MiB = 1 << 20
@@ -39,6 +40,13 @@ class ServerSettings:
     tokens_file: str = field(default="", metadata={
         "help": "file of '<role> <token>' lines (roles: viewer, ingest, admin); enables auth"})
     reflection: bool = field(default=True, metadata={"help": "serve gRPC reflection"})
+    # The log mode (eventlog): off unless --log-urls is given.
+    log_urls: str = field(default="", metadata={
+        "help": "NATS URLs (comma-separated) of the event log; empty = the embedded mode"})
+    log_partitions: int = LogConfig.partitions
+    log_replicas: int = LogConfig.replicas
+    log_duplicate_window_s: float = LogConfig.duplicate_window_s
+    log_prefix: str = LogConfig.prefix
 
     @classmethod
     def from_args(cls: type[S], argv: list[str] | None = None) -> S:
@@ -48,6 +56,13 @@ class ServerSettings:
         add_fields(parser, cls)
         args = vars(parser.parse_args(argv))
         return cls(**{**args, "data_dir": Path(args["data_dir"])})
+
+    @property
+    def log(self) -> LogConfig:
+        """Where the event log is and how it is laid out (log mode only)."""
+        return LogConfig(urls=self.log_urls, partitions=self.log_partitions,
+                         replicas=self.log_replicas,
+                         duplicate_window_s=self.log_duplicate_window_s, prefix=self.log_prefix)
 
     def check_security(self) -> None:
         """Refuse half-configured TLS."""
