@@ -33,3 +33,30 @@ class EventMetrics:
     def serve(self, port: int, host: str) -> None:
         """Expose /metrics over HTTP."""
         start_http_server(port, addr=host, registry=self.registry)
+
+
+class WorkerMetrics(EventMetrics):
+    """The event metrics, plus one series per partition of the log (log-mode workers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        labels, registry = ["partition"], self.registry
+        self.owned = Gauge("freshrec_partition_owned", "1 while this worker owns the partition",
+                           labels, registry=registry)
+        self.epoch = Gauge("freshrec_partition_epoch", "Fencing epoch this worker holds",
+                           labels, registry=registry)
+        self.position = Gauge("freshrec_partition_position",
+                              "Last event stream sequence committed in the shard", labels,
+                              registry=registry)
+        self.lag = Gauge("freshrec_partition_lag",
+                         "Events stream last sequence of the partition - committed", labels,
+                         registry=registry)
+        self.handovers = Counter("freshrec_partition_handovers_total",
+                                 "Partitions this worker took over (claims fenced in)", labels,
+                                 registry=registry)
+        self.fenced = Counter("freshrec_partition_fenced_total",
+                              "Commits refused because a newer owner fenced the shard", labels,
+                              registry=registry)
+        self.takeover_seconds = Histogram(
+            "freshrec_partition_takeover_seconds", "From claim to live: changelog restore and "
+            "fence", buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=registry)

@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -18,13 +18,16 @@ from event_service.writer import Submission, Writer
 from index import snapshots_dir, users_dir
 from index.apply import Outcome
 from index.catalog import CatalogSnapshot
-from index.errors import InvalidArgument, NotFound
+from index.errors import FailedPrecondition, InvalidArgument, NotFound
 from index.events import Event, check_batch
 from index.follower import SnapshotFollower
 from index.store import UserStore
 from recsys.v1 import events_pb2, events_pb2_grpc
 from rpc.errors import remaining
 from rpc.server import Service, assemble
+
+if TYPE_CHECKING:  # imported when used: the embedded mode never imports NATS
+    from event_service.publisher import LogPublisher
 
 SERVICE = events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name
 _END = object()
@@ -60,7 +63,8 @@ class _InFlight:
 class EventServicer(events_pb2_grpc.EventServiceServicer):
     """Track, Ingest, IngestStream and GetUser over the writer and the store."""
 
-    def __init__(self, settings: Settings, writer: Writer, store: UserStore) -> None:
+    def __init__(self, settings: Settings, writer: Writer | LogPublisher,
+                 store: UserStore | None) -> None:
         self.settings, self.writer, self.store = settings, writer, store
 
     def _submission(self, messages: Iterable[events_pb2.PlaybackEvent], offset: int = 0
@@ -78,7 +82,8 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
         outcome = submission.wait(remaining(context))[0]
         return events_pb2.TrackResponse(duplicate=outcome.duplicate,
                                         user_version=outcome.user_version,
-                                        item_known=outcome.item_known)
+                                        item_known=outcome.item_known,
+                                        log_sequence=outcome.log_sequence)
 
     def Ingest(self, request_iterator: Iterator[events_pb2.IngestRequest],
                context: grpc.ServicerContext) -> events_pb2.IngestResponse:
@@ -148,6 +153,9 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
                 ) -> events_pb2.User:
         if not request.user_id:
             raise InvalidArgument("user_id is empty")
+        if self.store is None:
+            raise FailedPrecondition("in log mode users live in the workers' shards: read "
+                                     "them from a ranking replica")
         record = self.store.get_user(request.user_id)
         if record is None:
             raise NotFound(f"unknown user {request.user_id!r}")
@@ -164,6 +172,7 @@ def _count(response: Any, submission: Submission, outcomes: list[Outcome]) -> No
     response.accepted += len(outcomes) - duplicates
     response.duplicates += duplicates
     response.unknown_items += sum(not o.item_known and not o.duplicate for o in outcomes)
+    response.log_sequence = max([response.log_sequence, *(o.log_sequence for o in outcomes)])
     response.rejections.extend(events_pb2.Rejection(index=r.index, event_id=r.event_id,
                                                     reason=r.reason, message=r.message)
                                for r, _ in submission.batch.rejected)
@@ -175,18 +184,27 @@ def _count(response: Any, submission: Submission, outcomes: list[Outcome]) -> No
 class Deps:
     """What the server runs on; built by `open_deps` (tests may pass their own store)."""
 
-    store: UserStore
-    writer: Writer  # not started: the service starts and stops it
+    store: UserStore | None  # None in log mode
+    writer: Writer | LogPublisher  # not started: the service starts and stops it
     metrics: EventMetrics
 
     @property
     def model_version(self) -> str:
-        """The live model version."""
-        return self.writer.catalogs.version
+        """The live model version (in log mode, the log the events go to)."""
+        if isinstance(self.writer, Writer):
+            return self.writer.catalogs.version
+        return self.writer.version
 
 
 def open_deps(settings: Settings, store: UserStore | None = None) -> Deps:
-    """Open the store and the live snapshot's item factors (SnapshotError if there is none)."""
+    """Open the store and the live snapshot's item factors (SnapshotError if there is none);
+    in log mode, only the publisher (the workers own the stores)."""
+    if settings.log_urls:
+        from event_service.publisher import LogPublisher
+
+        metrics = EventMetrics()
+        return Deps(None, LogPublisher(settings.log, metrics, settings.queue_max_events),
+                    metrics)
     root = snapshots_dir(settings.data_dir)
     catalogs = SnapshotFollower(root, lambda v: CatalogSnapshot.load(root, v, with_index=False),
                                 lambda catalog: catalog.model_version)
@@ -203,5 +221,6 @@ def create_server(settings: Settings, deps: Deps) -> tuple[Service, int]:
         events_pb2_grpc.add_EventServiceServicer_to_server(
             EventServicer(settings, deps.writer, deps.store), server)
 
+    store = deps.store
     return assemble(settings, POLICY, [SERVICE], add, parts=[deps.writer],
-                    close=deps.store.close)
+                    close=store.close if store is not None else lambda: None)

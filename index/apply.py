@@ -50,7 +50,8 @@ class Outcome:
 
     duplicate: bool
     item_known: bool  # False: kept in the history and counts, but it cannot move the vector
-    user_version: int  # the user's version after the group
+    user_version: int  # the user's version after the group (0 in log mode: not applied yet)
+    log_sequence: int = 0  # log mode: the event's sequence in the log (read-your-writes)
 
 
 def apply_group(writer: StoreWriter, catalog: CatalogSnapshot, events: Sequence[Event],

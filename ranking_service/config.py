@@ -29,6 +29,8 @@ class Settings(ServerSettings):
     brute_force_below: int = RankingConfig.brute_force_below
     popularity_blend: float = RankingConfig.popularity_blend
     new_release_years: int = RankingConfig.new_release_years
+    max_log_wait_s: float = field(default=2.0, metadata={
+        "help": "log mode: longest wait for a request's min_log_sequence"})
 
     def __post_init__(self) -> None:
         self.check_security()

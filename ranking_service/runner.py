@@ -1,7 +1,9 @@
 """Running the ranking service: one process, or N sharing a port; until SIGTERM/SIGINT.
 
 With --workers N > 1, N processes share the port (SO_REUSEPORT), each with its own LMDB
-reader and memory-mapped index, so Python overhead does not serialise requests. Workers
+reader and memory-mapped index, so Python overhead does not serialise requests. In log
+mode (--log-urls) this process also keeps the host's read replica (`replica`), and every
+server is a child process. Workers
 are started with `spawn`, before any gRPC object exists in them (and from this module,
 not `__main__`, so the spawned children can import their entry point).
 """
@@ -12,6 +14,8 @@ import logging
 import multiprocessing
 import sys
 
+from index import users_dir
+from index.store import UserStore
 from ranking_service.config import Settings
 from ranking_service.server import create_server, open_deps
 from rpc.server import configure_logging, run, stop_requested
@@ -31,8 +35,25 @@ def _worker(settings: Settings, worker: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m ranking_service` and the `freshrec-ranking` script."""
     settings = Settings.from_args(argv)
-    if settings.workers == 1:
-        return serve(settings)
+    if not settings.log_urls:
+        return serve(settings) if settings.workers == 1 else supervise(settings)
+    # Log mode: this process follows the changelog into the host's store (its only
+    # writer), and the servers, each a child process, read it.
+    from ranking_service.replica import Replica
+
+    configure_logging()
+    store = UserStore(users_dir(settings.data_dir))
+    replica = Replica(settings.log, store)
+    replica.start()
+    try:
+        return supervise(settings)
+    finally:
+        replica.stop(10)
+        store.close()
+
+
+def supervise(settings: Settings) -> int:
+    """Run `settings.workers` server processes until SIGTERM/SIGINT or one dies."""
     configure_logging()
     context = multiprocessing.get_context("spawn")
     procs = [context.Process(target=_worker, args=(settings, i),

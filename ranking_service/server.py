@@ -16,7 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from index import snapshots_dir, users_dir
 from index.catalog import CatalogSnapshot
-from index.errors import InvalidArgument
+from index.errors import InvalidArgument, Unavailable
 from index.filters import ItemFilter
 from index.ranking import PERSONALIZED, Ranker, Scored
 from index.snapshot import VERSION_PATTERN, SnapshotError
@@ -24,6 +24,7 @@ from index.store import UserStore
 from ranking_service.config import Settings
 from ranking_service.metrics import RankingMetrics
 from recsys.v1 import catalog_pb2, catalog_pb2_grpc, ranking_pb2, ranking_pb2_grpc
+from rpc.errors import remaining
 from rpc.server import Service, assemble
 
 log = logging.getLogger("freshrec.ranking")
@@ -72,9 +73,29 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         finally:
             self.metrics.latency.labels(rpc).observe(time.perf_counter() - started)
 
+    def _read_your_write(self, user_id: str, sequence: int,
+                         context: grpc.ServicerContext) -> None:
+        """Log mode: wait until this replica has applied the user's partition up to
+        `sequence`, within the deadline (less a margin to answer) and max_log_wait_s."""
+        if not sequence:
+            return
+        if not self.settings.log_urls:
+            return  # embedded: an acked event is already visible
+        from ranking_service.replica import wait_for
+
+        left = remaining(context)
+        timeout = self.settings.max_log_wait_s if left is None else \
+            max(min(self.settings.max_log_wait_s, left - 0.05), 0.0)
+        reached = wait_for(self.ranker.store, self.settings.log, user_id, sequence, timeout)
+        if reached < sequence:
+            raise Unavailable(f"this replica has applied the user's partition up to log "
+                              f"sequence {reached}, not {sequence}, after {timeout:.3f} s; "
+                              "retry")
+
     def Recommend(self, request: ranking_pb2.RecommendRequest, context: grpc.ServicerContext
                   ) -> ranking_pb2.RecommendResponse:
         self._check("user_id", request.user_id, request.k)
+        self._read_your_write(request.user_id, request.min_log_sequence, context)
         ranking = self._timed("Recommend", lambda: self.ranker.recommend(
             request.user_id, request.k, to_filter(request.filter), request.include_watched))
         self.metrics.responses.labels(ranking.source).inc()
@@ -94,6 +115,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
     def HomePage(self, request: ranking_pb2.HomePageRequest, context: grpc.ServicerContext
                  ) -> ranking_pb2.HomePageResponse:
         self._check("user_id", request.user_id, request.k_per_row)
+        self._read_your_write(request.user_id, request.min_log_sequence, context)
         rows, version, catalog = self._timed("HomePage", lambda: self.ranker.home(
             request.user_id, request.k_per_row, to_filter(request.filter)))
         return ranking_pb2.HomePageResponse(

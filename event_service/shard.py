@@ -1,0 +1,173 @@
+"""One partition's LMDB shard in log mode: apply a batch of log messages, replay changelog.
+
+The shard is a `UserStore` (the embedded mode's store, one per partition) whose meta also
+holds where it stands: the last events-stream sequence applied (`log.position`), the
+fencing epoch of its owner (`log.epoch`) and the last changelog message it contains
+(`log.changelog_seq`), each written in the same txn as the state they describe. Every
+method runs on the worker's one shard thread (LMDB allows one write txn per env).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import lmdb
+from google.protobuf.message import DecodeError
+
+from event_service.server import to_event
+from event_service.writer import WriterConfig
+from index.apply import apply_group, keep_rejected
+from index.catalog import CatalogSnapshot
+from index.changelog import RecordingWriter, encode, replay
+from index.events import Event, Limits, Rejection, check_batch
+from index.store import StoreWriter, UserStore
+from index.user_stats import StatsCache
+from recsys.v1 import events_pb2
+
+POSITION_KEY, EPOCH_KEY, CHANGELOG_KEY = "log.position", "log.epoch", "log.changelog_seq"
+
+
+@dataclass(frozen=True)
+class LogMessage:
+    """An event message as read from the log: its stream sequence and payload."""
+
+    sequence: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class ChangelogEntry:
+    """A changelog message: its stream sequence, the epoch and position it commits."""
+
+    sequence: int
+    epoch: int
+    position: int
+    payload: bytes
+
+
+@dataclass
+class Prepared:
+    """An open write txn and the changelog payload that must be published before it
+    commits."""
+
+    txn: lmdb.Transaction
+    payload: bytes
+    position: int
+    users: list[str]
+    applied: int  # new events
+    duplicates: int
+    rejected: int
+
+
+class Shard:
+    """A partition's store and position; opened by its owner (or a new owner)."""
+
+    def __init__(self, partition: int, path: Path, map_size: int, max_map_size: int) -> None:
+        self.partition = partition
+        self.store = UserStore(path, map_size=map_size, max_map_size=max_map_size)
+        self.position = int(self.store.get_meta(POSITION_KEY) or 0)
+        self.epoch = int(self.store.get_meta(EPOCH_KEY) or 0)
+        self.changelog_seq = int(self.store.get_meta(CHANGELOG_KEY) or 0)
+        self._rejected_seq = itertools.count(int(time.time() * 1e6))
+
+    def replay(self, entries: Sequence[ChangelogEntry]) -> None:
+        """Apply changelog entries past the shard's own, in one txn (restore, catch-up)."""
+        def work(writer: StoreWriter) -> None:
+            for entry in entries:
+                if entry.sequence <= self.changelog_seq:
+                    continue  # already in this shard (the changelog sequence is exact)
+                replay(writer, entry.payload)
+                self._stand(writer, entry.position, entry.epoch, entry.sequence)
+
+        before = (self.position, self.epoch, self.changelog_seq)
+        try:
+            self.store.transact(work)
+        except BaseException:
+            self.position, self.epoch, self.changelog_seq = before
+            raise
+
+    def prepare(self, messages: Sequence[LogMessage], epoch: int, catalog: CatalogSnapshot,
+                config: WriterConfig, limits: Limits, stats: StatsCache,
+                partition_of: Callable[[str], int]) -> Prepared:
+        """Apply a batch of log messages in an open txn; the changelog of what it wrote.
+
+        Messages that do not decode, fail the event checks, or carry a user of another
+        partition are kept as rejections (with a reason) and never move any state.
+        """
+        now = time.time()
+        events, rejected = self._decode(messages, now, limits, partition_of)
+        position = messages[-1].sequence
+
+        def work(writer: StoreWriter) -> tuple[bytes, int]:
+            recorder = RecordingWriter(writer)
+            keep_rejected(recorder, rejected, now, self._rejected_seq)
+            outcomes = apply_group(recorder, catalog, events, config.weights, config.policy,
+                                   stats, now)
+            writer.put_meta(POSITION_KEY, str(position))
+            writer.put_meta(EPOCH_KEY, str(epoch))
+            return encode(recorder.ops), sum(o.duplicate for o in outcomes)
+
+        txn, (payload, duplicates) = self.store.prepare(work)
+        users = sorted({e.user_id for e in events})
+        return Prepared(txn, payload, position, users, len(events) - duplicates, duplicates,
+                        len(rejected))
+
+    def prepare_claim(self, epoch: int, item_half_life_s: float) -> Prepared:
+        """The fencing commit of a new owner: its epoch and the shard's item half-life."""
+        def work(writer: StoreWriter) -> bytes:
+            recorder = RecordingWriter(writer)
+            recorder.set_item_half_life(item_half_life_s)
+            writer.put_meta(EPOCH_KEY, str(epoch))
+            return encode(recorder.ops)
+
+        txn, payload = self.store.prepare(work)
+        return Prepared(txn, payload, self.position, [], 0, 0, 0)
+
+    def finish(self, prepared: Prepared, epoch: int, changelog_seq: int) -> None:
+        """Commit a prepared txn once its changelog message is in the log at `changelog_seq`."""
+        StoreWriter(prepared.txn, self.store.dbs).put_meta(CHANGELOG_KEY, str(changelog_seq))
+        self.store.commit(prepared.txn)
+        self.position, self.epoch, self.changelog_seq = prepared.position, epoch, changelog_seq
+
+    @staticmethod
+    def abort(prepared: Prepared, stats: StatsCache) -> None:
+        """Drop a prepared txn (its changelog was refused) and the statistics it updated."""
+        prepared.txn.abort()
+        for user in prepared.users:
+            stats.discard(user)
+
+    def _stand(self, writer: StoreWriter, position: int, epoch: int, changelog_seq: int) -> None:
+        writer.put_meta(POSITION_KEY, str(position))
+        writer.put_meta(EPOCH_KEY, str(epoch))
+        writer.put_meta(CHANGELOG_KEY, str(changelog_seq))
+        self.position, self.epoch, self.changelog_seq = position, epoch, changelog_seq
+
+    def _decode(self, messages: Sequence[LogMessage], now: float, limits: Limits,
+                partition_of: Callable[[str], int]
+                ) -> tuple[list[Event], list[tuple[Rejection, Event]]]:
+        events: list[Event] = []
+        rejected: list[tuple[Rejection, Event]] = []
+        for index, message in enumerate(messages):
+            try:
+                event = to_event(events_pb2.PlaybackEvent.FromString(message.payload))
+            except DecodeError as exc:
+                blank = Event("", "", "", 0, None, 0.0)
+                rejected.append((Rejection(index, "", "malformed",
+                                           f"log message {message.sequence}: {exc}"), blank))
+                continue
+            if partition_of(event.user_id) != self.partition:
+                rejected.append((Rejection(index, event.event_id, "wrong_partition",
+                                           f"user {event.user_id!r} is not in partition "
+                                           f"{self.partition}"), event))
+                continue
+            events.append(event)
+        batch = check_batch(events, now, replace(limits, max_batch_events=max(len(events), 1)))
+        return batch.valid, rejected + batch.rejected
+
+    def close(self) -> None:
+        """Close the shard's env."""
+        self.store.close()

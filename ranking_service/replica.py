@@ -1,0 +1,131 @@
+"""A ranking host's read replica in log mode: every shard's changelog, followed into LMDB.
+
+Ranking replicas share no disk with the workers. Each host follows the shards' changelog
+(one ordered consumer over every partition's subject, in stream order) into its own
+`UserStore`, the same store the embedded mode reads, so the ranker is unchanged: a
+request reads a local record in microseconds, where asking the owning worker would cost
+a network round trip (the echo floor alone is ~0.4 ms here) and fail during hand-overs.
+Item counts from every shard add up in the replica (they are sums), which is how trending
+merges across shards. Per partition the replica keeps the last event-log sequence it has
+applied (``log.position.<p>``), in the same txn as the records: `wait_for` turns it into
+read-your-writes for a client holding a Track's log sequence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+from nats.aio.msg import Msg
+from nats.js import api
+
+from eventlog.config import LogConfig
+from eventlog.jetstream import POSITION, Loop, connect, ensure_log
+from index.changelog import replay
+from index.store import StoreWriter, UserStore
+
+log = logging.getLogger("freshrec.replica")
+FOLLOWED_KEY = "log.followed_seq"  # the last changelog message applied
+
+
+def position_key(partition: int) -> str:
+    """The meta key of a partition's applied event-log position in a replica."""
+    return f"log.position.{partition}"
+
+
+class Replica:
+    """Follows the changelog into `store`, from where it stopped (a part of the service)."""
+
+    def __init__(self, config: LogConfig, store: UserStore, batch: int = 500) -> None:
+        self.config, self.store, self.batch = config, store, batch
+        self._loop: Loop | None = None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="freshrec-replica")
+        self._pending: list[Msg] = []
+        self._arrived: asyncio.Event | None = None
+        self.applied = 0
+
+    def start(self) -> None:
+        """Connect and start following (the store is what this host served before)."""
+        self._loop = Loop("freshrec-replica")
+        self._loop.run(self._start(), 90)
+
+    async def _start(self) -> None:
+        self.client, self.js = await connect(self.config, "freshrec-replica")
+        await ensure_log(self.js, self.config)
+        self._arrived = asyncio.Event()
+        start = int(self.store.get_meta(FOLLOWED_KEY) or 0) + 1
+        self._sub = await self.js.subscribe(
+            f"{self.config.prefix}.shard.*", cb=self._receive, ordered_consumer=True,
+            config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                                      opt_start_seq=start))
+        self._task = asyncio.create_task(self._apply_loop())
+        log.info("following the shards' changelog from message %d", start)
+
+    async def _receive(self, msg: Msg) -> None:
+        self._pending.append(msg)
+        assert self._arrived is not None
+        self._arrived.set()
+        while len(self._pending) > 20 * self.batch:  # hold the consumer back
+            await asyncio.sleep(0.01)
+
+    async def _apply_loop(self) -> None:
+        assert self._arrived is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._arrived.wait()
+            batch, self._pending = self._pending[:self.batch], self._pending[self.batch:]
+            if not self._pending:
+                self._arrived.clear()
+            try:
+                await loop.run_in_executor(self._thread, self._apply, batch)
+            except Exception as exc:  # a bad message is never skipped: stop following
+                log.error("replica stopped at a changelog message it cannot apply: %s", exc)
+                return
+
+    def _apply(self, msgs: list[Msg]) -> None:
+        def work(writer: StoreWriter) -> None:
+            for msg, partition, position in _entries(msgs):
+                replay(writer, msg.data, users_only=True)
+                writer.put_meta(position_key(partition), str(position))
+            writer.put_meta(FOLLOWED_KEY, str(msgs[-1].metadata.sequence.stream))
+
+        self.store.transact(work)
+        self.applied += len(msgs)
+
+    def stop(self, timeout: float) -> None:
+        """Stop following (what was applied stays)."""
+        if self._loop is not None:
+            try:
+                self._loop.run(self._close(), min(timeout, 10))
+            finally:
+                self._loop.stop()
+        self._thread.shutdown()
+
+    async def _close(self) -> None:
+        self._task.cancel()
+        await self.client.drain()
+
+
+def _entries(msgs: list[Msg]) -> Iterator[tuple[Msg, int, int]]:
+    for msg in msgs:
+        yield (msg, LogConfig.partition_of_subject(msg.subject),
+               int((msg.headers or {}).get(POSITION, 0)))
+
+
+def wait_for(store: UserStore, config: LogConfig, user_id: str, sequence: int,
+             timeout: float) -> int:
+    """Wait until the user's partition is applied up to `sequence`; the position reached.
+
+    Polls the replica's meta (a read txn, ~10 us) every millisecond; returns whatever it
+    reached at the timeout (the caller decides).
+    """
+    key = position_key(config.partition(user_id))
+    deadline = time.monotonic() + timeout
+    while True:
+        position = int(store.get_meta(key) or 0)
+        if position >= sequence or time.monotonic() >= deadline:
+            return position
+        time.sleep(0.001)
