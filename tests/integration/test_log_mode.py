@@ -1,0 +1,217 @@
+"""The log mode against a real NATS JetStream: fencing, read-your-writes, bad producers,
+resends, and (3 nodes) the whole fault plan of `bench.cluster` in a short run."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from bench.cluster import Plan, run
+from bench.services import start_process, stop
+from event_service.metrics import WorkerMetrics
+from event_service.shard import POSITION_KEY, LogMessage, Shard
+from event_service.worker import Fenced, Owned, Worker, WorkerSettings
+from eventlog.cluster import Cluster
+from eventlog.config import LogConfig
+from eventlog.jetstream import connect, ensure_log
+from index import snapshots_dir
+from index.catalog import CatalogSnapshot
+from index.follower import SnapshotFollower
+from index.store import UserStore
+from recsys.v1 import events_pb2, events_pb2_grpc, ranking_pb2, ranking_pb2_grpc
+from tests.integration.conftest import playback, status_of
+
+
+@pytest.fixture(scope="module")
+def nats_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """One JetStream node (streams with 1 replica): enough for everything but failover."""
+    cluster = Cluster(tmp_path_factory.mktemp("nats"), 1)
+    cluster.start()
+    cluster.wait_ready()
+    yield cluster
+    cluster.stop()
+
+
+def _host(root: Path, data_dir: Path, name: str) -> Path:
+    """A host's data dir: the built snapshots only."""
+    path = root / name
+    shutil.copytree(snapshots_dir(data_dir), snapshots_dir(path))
+    return path
+
+
+def _log_args(log: LogConfig) -> list[str]:
+    return ["--log-urls", log.urls, "--log-partitions", str(log.partitions), "--log-replicas",
+            "1", "--log-duplicate-window-s", str(log.duplicate_window_s), "--log-prefix",
+            log.prefix]
+
+
+def _worker(tmp_path: Path, data_dir: Path, log: LogConfig, name: str) -> Worker:
+    settings = WorkerSettings(data_dir=_host(tmp_path, data_dir, name), worker_id=name,
+                              log_urls=log.urls, log_partitions=log.partitions,
+                              log_replicas=1, log_prefix=log.prefix)
+    root = snapshots_dir(settings.data_dir)
+    catalogs = SnapshotFollower(root, lambda v: CatalogSnapshot.load(root, v, with_index=False),
+                                lambda c: c.model_version)
+    return Worker(settings, catalogs, WorkerMetrics())
+
+
+def _messages(log: LogConfig, first: int, n: int, partition: int = 0) -> list[LogMessage]:
+    users = [u for u in (f"u{i}" for i in range(1000)) if log.partition(u) == partition]
+    return [LogMessage(first + i, playback(f"e{first + i}", users[i % 5], "i1")
+                       .SerializeToString()) for i in range(n)]
+
+
+def test_an_old_owner_cannot_commit_after_a_new_owner_has_fenced_the_partition(
+        tmp_path: Path, data_dir: Path, nats_node: Cluster) -> None:
+    log = LogConfig(urls=nats_node.urls, partitions=4, replicas=1, prefix="fence")
+
+    async def scenario() -> tuple[int, int, int]:
+        old, new = (_worker(tmp_path, data_dir, log, n) for n in ("old", "new"))
+        for worker in (old, new):
+            worker.client, worker.js = await connect(log, worker.id)
+            await ensure_log(worker.js, log)
+        mine = Owned(0, epoch=1, revision=0)
+        mine.shard = Shard(0, tmp_path / "old" / "p0", 1 << 24, 1 << 30)
+        await old._fence(mine)
+        await old._commit(mine, _messages(log, 1, 10))
+        theirs = Owned(0, epoch=2, revision=0)
+        theirs.shard = Shard(0, tmp_path / "new" / "p0", 1 << 24, 1 << 30)
+        await new._fence(theirs)  # restores the old owner's commit from the changelog first
+        with pytest.raises(Fenced):
+            await old._commit(mine, _messages(log, 11, 10))
+        for worker in (old, new):
+            await worker.client.close()
+        return mine.shard.position, theirs.shard.position, theirs.shard.store.count("seen")
+
+    old_position, new_position, new_seen = asyncio.run(scenario())
+    assert old_position == 10  # the refused commit changed nothing in the old shard
+    assert (new_position, new_seen) == (10, 10)  # the new owner has all the old one committed
+
+
+@pytest.fixture(scope="module")
+def log_services(tmp_path_factory: pytest.TempPathFactory, data_dir: Path,
+                 nats_node: Cluster) -> Iterator[tuple[LogConfig, Path, int, int]]:
+    """A worker, a front end and a ranking replica, each with its own data dir, over one
+    log of 4 partitions."""
+    root = tmp_path_factory.mktemp("hosts")
+    log = LogConfig(urls=nats_node.urls, partitions=4, replicas=1, duplicate_window_s=2.0,
+                    prefix="svc")
+    procs = []
+    try:
+        proc, front = start_process("event_service", _host(root, data_dir, "front"),
+                                    *_log_args(log))
+        procs.append(proc)
+        proc, ranking = start_process("ranking_service", _host(root, data_dir, "ranking"),
+                                      *_log_args(log), workers=1)
+        procs.append(proc)
+        worker_dir = _host(root, data_dir, "w1")
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "event_service.worker", "--data-dir", str(worker_dir),
+             "--worker-id", "w1", *_log_args(log)], stderr=subprocess.DEVNULL))
+        yield log, worker_dir, front, ranking
+    finally:
+        stop(procs)
+
+
+def _stubs(front: int, ranking: int) -> tuple[events_pb2_grpc.EventServiceStub,
+                                              ranking_pb2_grpc.RankingServiceStub]:
+    return (events_pb2_grpc.EventServiceStub(grpc.insecure_channel(f"127.0.0.1:{front}")),
+            ranking_pb2_grpc.RankingServiceStub(grpc.insecure_channel(f"127.0.0.1:{ranking}")))
+
+
+def test_recommend_at_a_tracked_log_sequence_reads_that_write(
+        log_services: tuple[LogConfig, Path, int, int], catalog: CatalogSnapshot) -> None:
+    _, _, front, ranking = log_services
+    events, rank = _stubs(front, ranking)
+    for n in range(5):
+        ack = events.Track(events_pb2.TrackRequest(
+            event=playback(f"ryw{n}", "reader", catalog.item_ids[n])), timeout=30)
+        assert ack.log_sequence > 0 and not ack.duplicate
+        seen = rank.Recommend(ranking_pb2.RecommendRequest(
+            user_id="reader", k=5, min_log_sequence=ack.log_sequence), timeout=10)
+        assert seen.user_version == n + 1  # every write so far, at once
+        assert seen.source == ranking_pb2.PERSONALIZED
+    again = events.Track(events_pb2.TrackRequest(
+        event=playback("ryw0", "reader", catalog.item_ids[0])), timeout=10)
+    assert again.duplicate  # inside the log's duplicate window
+
+
+def test_a_log_sequence_never_reached_is_unavailable_at_the_deadline_not_a_hang(
+        log_services: tuple[LogConfig, Path, int, int]) -> None:
+    _, _, front, ranking = log_services
+    _, rank = _stubs(front, ranking)
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as error:
+        rank.HomePage(ranking_pb2.HomePageRequest(user_id="reader", k_per_row=3,
+                                                  min_log_sequence=10**12), timeout=0.5)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "log sequence" in error.value.details()
+    assert time.monotonic() - started < 1.0
+
+
+def test_bad_messages_from_another_producer_are_kept_as_rejections_and_the_rest_applies(
+        log_services: tuple[LogConfig, Path, int, int]) -> None:
+    log, worker_dir, front, ranking = log_services
+    user = next(u for u in (f"x{i}" for i in range(100)) if log.partition(u) == 1)
+    stray = next(u for u in (f"y{i}" for i in range(100)) if log.partition(u) == 2)
+    no_time = playback("p-no-time", user, "i1")
+    no_time.ClearField("occurred_at")
+
+    async def produce() -> int:
+        client, js = await connect(log, "producer")
+        subject = log.events_subject(1)
+        for payload in (b"\xff\x00 not a protobuf", no_time.SerializeToString(),
+                        playback("p-stray", stray, "i1").SerializeToString(),
+                        playback("p-good", user, "i1").SerializeToString()):
+            ack = await js.publish(subject, payload)
+        await client.close()
+        return int(ack.seq)
+
+    last = asyncio.run(produce())
+    _, rank = _stubs(front, ranking)
+    seen = rank.Recommend(ranking_pb2.RecommendRequest(user_id=user, k=3,
+                                                       min_log_sequence=last), timeout=10)
+    assert seen.user_version == 1  # the good event applied
+    assert status_of(rank.Recommend, ranking_pb2.RecommendRequest(user_id=stray, k=3)) == \
+        grpc.StatusCode.OK
+    with UserStore(worker_dir / "shards" / "p0001", readonly=True) as shard:
+        reasons = {r["reason"] for r in shard.rejected()}
+        assert {"malformed", "missing_occurred_at", "wrong_partition"} <= reasons
+        assert int(shard.get_meta(POSITION_KEY) or 0) == last
+        assert shard.get_user(stray) is None  # never in another partition's shard
+
+
+def test_a_resend_after_the_duplicate_window_is_applied_once(
+        log_services: tuple[LogConfig, Path, int, int], catalog: CatalogSnapshot) -> None:
+    log, _, front, ranking = log_services
+    events, rank = _stubs(front, ranking)
+    event = playback("late-resend", "resender", catalog.item_ids[3])
+    first = events.Track(events_pb2.TrackRequest(event=event), timeout=10)
+    time.sleep(log.duplicate_window_s + 1.0)
+    second = events.Track(events_pb2.TrackRequest(event=event), timeout=10)
+    assert not second.duplicate and second.log_sequence > first.log_sequence  # logged twice
+    seen = rank.Recommend(ranking_pb2.RecommendRequest(
+        user_id="resender", k=3, min_log_sequence=second.log_sequence), timeout=10)
+    assert seen.user_version == 1  # applied once: the worker dedupes by event_id
+
+
+def test_the_log_mode_keeps_every_invariant_through_the_fault_plan(
+        tmp_path: Path, data_dir: Path) -> None:
+    """3 nodes, R3, P=16: kill -9 of workers (once in the commit window), scale up and
+    down, kill -9 of the stream leader, a takeover with an empty data dir (bench.cluster)."""
+    result = run(tmp_path, data_dir, Plan(events=4_000, seconds=20.0, users=500))
+    assert result["lost_acked"] == result["lost"] == result["double_applied"] == 0, result
+    assert result["not_in_seen"] == result["users_in_wrong_shard"] == 0, result
+    assert result["two_owners_committing"] == 0 and result["position_not_last"] == 0, result
+    assert result["replicas_behind"] == 0, result
+    assert result["vectors_compared"] > 100 and result["max_vector_diff"] <= 1e-6, result
+    assert result["acked_events"] == 4_000, result  # the client got every event through
+    assert result["resent_outside_window"] > 0 and result["claims"] >= 16, result
