@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 STUBS  := recsys/v1/events_pb2.py
 PROTOS := $(wildcard protos/recsys/v1/*.proto)
 
-.PHONY: install proto serve test lint bench eval clean
+.PHONY: install proto serve serve-cluster test lint bench bench-cluster eval clean
 
 install: $(STAMP)
 
@@ -28,6 +28,9 @@ proto: $(STAMP)  ## regenerate the gRPC stubs (git-ignored) from protos/
 serve: $(STUBS)  ## build the demo data on first run, then serve (Ctrl-C stops)
 	DATA=$(DATA) bin/serve
 
+serve-cluster: $(STUBS)  ## the log mode: 3 NATS nodes, 3 workers, front end, ranking
+	DATA=$(DATA) bin/serve-cluster
+
 test: $(STUBS)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
@@ -37,6 +40,9 @@ lint: $(STUBS)
 
 bench: $(STUBS)
 	$(BIN)/python -m bench.run $(if $(QUICK),--quick)
+
+bench-cluster: $(STUBS)  ## the log mode under faults, and ingest with 1-3 workers
+	$(BIN)/python -m bench.cluster $(if $(QUICK),--quick)
 
 eval: $(STUBS)
 	$(BIN)/python -m bench.eval

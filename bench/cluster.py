@@ -205,13 +205,14 @@ def _send(stub: events_pb2_grpc.EventServiceStub, events: list[events_pb2.Playba
 
 
 def probe(events_port: int, ranking_port: int, stop_flag: threading.Event,
-          out: list[float], failures: list[str]) -> None:
-    """Event -> visible through the log: Track, then Recommend at that log sequence."""
+          out: list[tuple[float, float]], failures: list[str]) -> None:
+    """Event -> visible through the log: Track, then Recommend at that log sequence;
+    (when, seconds) of each that succeeded."""
     events = events_pb2_grpc.EventServiceStub(grpc.insecure_channel(f"127.0.0.1:{events_port}"))
     ranking = ranking_pb2_grpc.RankingServiceStub(
         grpc.insecure_channel(f"127.0.0.1:{ranking_port}"))
     n = 0
-    while not stop_flag.wait(0.2):
+    while not stop_flag.wait(0.05):
         n += 1
         user = f"probe{n % 50}"
         started = time.perf_counter()
@@ -220,7 +221,7 @@ def probe(events_port: int, ranking_port: int, stop_flag: threading.Event,
                                timeout=10)
             ranking.Recommend(ranking_pb2.RecommendRequest(
                 user_id=user, k=5, min_log_sequence=ack.log_sequence), timeout=10)
-            out.append(time.perf_counter() - started)
+            out.append((time.monotonic(), time.perf_counter() - started))
         except grpc.RpcError as exc:
             failures.append(f"{exc.code().name}: {exc.details()}")
 
@@ -268,18 +269,18 @@ async def stream_leader(log: LogConfig) -> str:
 
 
 async def all_owned(log: LogConfig) -> dict[int, str]:
+    """Each partition's lease holder ("" if none, or if the log is not there yet)."""
     client, js = await connect(log, "freshrec-bench")
+    owners = dict.fromkeys(range(log.partitions), "")
     try:
         kv = await js.key_value(log.owners_bucket)
-        owners = {}
         for p in range(log.partitions):
-            try:
-                owners[p] = json.loads((await kv.get(f"p{p}")).value or b"{}")["owner"]
-            except Exception:
-                owners[p] = ""
-        return owners
+            owners[p] = json.loads((await kv.get(f"p{p}")).value or b"{}").get("owner", "")
+    except Exception:  # not there yet: the caller polls
+        pass
     finally:
         await client.close()
+    return owners
 
 
 def _shard(root: Path, owner: str, p: int) -> UserStore:
@@ -495,7 +496,7 @@ def run(root: Path, base: Path, plan: Plan) -> dict[str, Any]:
                                        *topology.log_args, workers=1)
             topology.procs[name] = proc
             ranking_ports.append(port)
-        ledger, latencies, failures = Ledger(), list[float](), list[str]()
+        ledger, latencies, failures = Ledger(), list[tuple[float, float]](), list[str]()
         stop_flag = threading.Event()
         prober = threading.Thread(target=probe, args=(front_port, ranking_ports[0], stop_flag,
                                                       latencies, failures), daemon=True)
@@ -518,7 +519,9 @@ def run(root: Path, base: Path, plan: Plan) -> dict[str, Any]:
         result["replicas_behind"] = replicas_behind(topology, ranking_ports, log_state)
     finally:
         topology.stop_all()
-    lat = sorted(latencies)
+    first_fault = started + FAULTS[0][0] * plan.seconds
+    steady = sorted(s for t, s in latencies if t < first_fault)
+    whole = sorted(s for _, s in latencies)
     result.update({
         "plan": asdict(plan), "load_seconds": round(load_s, 1),
         "caught_up_after_load_s": round(caught_up_s, 2),
@@ -526,8 +529,9 @@ def run(root: Path, base: Path, plan: Plan) -> dict[str, Any]:
         "resent_inside_window": ledger.resent_inside,
         "resent_outside_window": ledger.resent_outside,
         "takeover_s": [round(t, 2) for t in takeovers(topology, log_state["changelog"])],
-        "event_to_visible_ms": {"n": len(lat), "p50": _ms(lat, 0.5), "p99": _ms(lat, 0.99),
-                                "max": _ms(lat, 1.0)},
+        "event_to_visible_ms": {name: {"n": len(v), "p50": _ms(v, 0.5), "p99": _ms(v, 0.99),
+                                       "max": _ms(v, 1.0)}
+                                for name, v in (("before_faults", steady), ("whole_run", whole))},
         "probe_failures": len(failures), "probe_failure_examples": failures[:3],
         "timeline": [(round(t - topology.events[0][0], 1), w) for t, w in topology.events],
     })
@@ -639,8 +643,9 @@ def main() -> None:
     plan = QUICK if args.quick else Plan()
     result: dict[str, Any] = {"faulted": run(args.root / "faulted", args.base, plan)}
     print(json.dumps(result["faulted"], indent=1), flush=True)
+    args.out.write_text(json.dumps(result, indent=1, default=str))
     if not args.skip_scaling:
-        events = 20_000 if args.quick else 60_000
+        events = 20_000 if args.quick else 100_000
         result["scaling"] = [scaling(args.root, args.base, k, events, plan.users)
                              for k in (1, 2, 3)]
         print(json.dumps(result["scaling"], indent=1), flush=True)

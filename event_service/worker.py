@@ -183,15 +183,22 @@ class Worker:
             await self._renew(owned)
         while len(self.owned) > high:
             await self._release(self.owned[max(self.owned)])
+        # Every lease is looked at on every tick, so a dead owner's is seen going stale
+        # from the moment it stops, whatever this worker's share is then.
+        claimable: list[tuple[int, KeyValue.Entry | None]] = []
         for p in range(partitions):
-            if p in self.owned or len(self.owned) >= high:
+            if p in self.owned:
                 continue
             entry = await self._lease(p)
-            if entry is not None and not self._free(f"p{p}", entry):
+            if entry is None or self._free(f"p{p}", entry):
+                self._free_since.setdefault(p, time.monotonic())
+                claimable.append((p, entry))
+            else:
                 self._free_since.pop(p, None)
-                continue
-            free_for = time.monotonic() - self._free_since.setdefault(p, time.monotonic())
-            if len(self.owned) < low or free_for > self.settings.lease_s:
+        for p, entry in claimable:
+            free_for = time.monotonic() - self._free_since[p]
+            if len(self.owned) < low or (len(self.owned) < high
+                                         and free_for > self.settings.lease_s):
                 await self._claim(p, entry)
         self._export()
 

@@ -22,7 +22,8 @@ from event_service.worker import Fenced, Owned, Worker, WorkerSettings
 from eventlog.cluster import Cluster
 from eventlog.config import LogConfig
 from eventlog.jetstream import connect, ensure_log
-from index import snapshots_dir
+from eventlog.seed import seed
+from index import snapshots_dir, users_dir
 from index.catalog import CatalogSnapshot
 from index.follower import SnapshotFollower
 from index.store import UserStore
@@ -94,6 +95,31 @@ def test_an_old_owner_cannot_commit_after_a_new_owner_has_fenced_the_partition(
     old_position, new_position, new_seen = asyncio.run(scenario())
     assert old_position == 10  # the refused commit changed nothing in the old shard
     assert (new_position, new_seen) == (10, 10)  # the new owner has all the old one committed
+
+
+def test_seeded_batch_users_are_restored_into_the_shard_of_their_partition(
+        tmp_path: Path, data_dir: Path, nats_node: Cluster) -> None:
+    log = LogConfig(urls=nats_node.urls, partitions=4, replicas=1, prefix="seeded")
+    with UserStore(users_dir(data_dir), readonly=True) as batch:
+        assert asyncio.run(seed(batch, log))["partitions_seeded"] == 4
+        again = asyncio.run(seed(batch, log))  # a log that has a changelog is left alone
+        assert (again["partitions_seeded"], again["partitions_skipped"]) == (0, 4)
+        worker = _worker(tmp_path, data_dir, log, "w")
+
+        async def restore() -> Shard:
+            worker.client, worker.js = await connect(log, worker.id)
+            owned = Owned(2, epoch=1, revision=0)
+            owned.shard = Shard(2, tmp_path / "w" / "p2", 1 << 24, 1 << 30)
+            await worker._fence(owned)
+            await worker.client.close()
+            return owned.shard
+
+        shard = asyncio.run(restore())
+        with batch.env.begin() as txn:
+            mine = {bytes(k).decode(): bytes(v) for k, v in txn.cursor(db=batch.dbs["users"])
+                    if log.partition(bytes(k).decode()) == 2}
+        assert mine and shard.store.count("users") == len(mine)
+        assert all(shard.store.get_user(u).encode() == raw for u, raw in mine.items())
 
 
 @pytest.fixture(scope="module")
