@@ -40,13 +40,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from bench.services import start_process, stop
 from event_service.server import to_event
-from event_service.shard import POSITION_KEY
 from eventlog.cluster import Cluster
 from eventlog.config import LogConfig
 from eventlog.jetstream import EPOCH, KIND, OWNER, connect, last_sequence
 from index import snapshots_dir
 from index.apply import FoldInPolicy, apply_group
 from index.catalog import CatalogSnapshot
+from index.changelog import POSITION_KEY
 from index.events import Event, EventWeights
 from index.partitions import partition_of
 from index.snapshot import current_version
@@ -124,7 +124,8 @@ class Topology:
         log = open(self.root / f"{name}.log", "a")  # noqa: SIM115 (the child owns it)
         self.procs[name] = subprocess.Popen(
             [sys.executable, "-m", "event_service.worker", "--data-dir",
-             str(self.data_dir(name, fresh)), "--worker-id", name, *self.log_args, *extra],
+             str(self.data_dir(name, fresh)), "--worker-id", name, "--snapshot-every-s", "3",
+             *self.log_args, *extra],
             stderr=log, stdout=subprocess.DEVNULL,
             env={**os.environ, "PYTHONPATH": os.getcwd()})
         log.close()
@@ -380,6 +381,8 @@ def verify(topology: Topology, ledger: Ledger, log_state: dict[str, Any],
     diffs = [float(np.max(np.abs(vectors[u] - replayed[u]))) if len(vectors[u]) else 0.0
              for u in sampled]
     return {"logged_events": len(logged), "log_messages": len(log_state["events"]),
+            "changelog_messages": len(log_state["changelog"]),
+            "changelog_mb": round(sum(len(m.data) for m in log_state["changelog"]) / 1e6, 1),
             "acked_events": len(ledger.acked), "lost_acked": lost_acked,
             "lost": lost, "double_applied": doubled, "not_in_seen": not_seen,
             "users_in_wrong_shard": misplaced, "position_not_last": position_mismatch,
@@ -645,7 +648,7 @@ def main() -> None:
     print(json.dumps(result["faulted"], indent=1), flush=True)
     args.out.write_text(json.dumps(result, indent=1, default=str))
     if not args.skip_scaling:
-        events = 20_000 if args.quick else 100_000
+        events = 20_000 if args.quick else 200_000
         result["scaling"] = [scaling(args.root, args.base, k, events, plan.users)
                              for k in (1, 2, 3)]
         print(json.dumps(result["scaling"], indent=1), flush=True)

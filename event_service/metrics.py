@@ -57,6 +57,9 @@ class WorkerMetrics(EventMetrics):
         self.fenced = Counter("freshrec_partition_fenced_total",
                               "Commits refused because a newer owner fenced the shard", labels,
                               registry=registry)
+        self.snapshot_seq = Gauge("freshrec_partition_snapshot_changelog_seq",
+                                  "Changelog sequence of the shard's latest snapshot", labels,
+                                  registry=registry)
         self.takeover_seconds = Histogram(
             "freshrec_partition_takeover_seconds", "From claim to live: changelog restore and "
             "fence", buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=registry)

@@ -22,13 +22,18 @@ from event_service.server import to_event
 from event_service.writer import WriterConfig
 from index.apply import apply_group, keep_rejected
 from index.catalog import CatalogSnapshot
-from index.changelog import RecordingWriter, encode, replay
+from index.changelog import (
+    CHANGELOG_KEY,
+    EPOCH_KEY,
+    POSITION_KEY,
+    RecordingWriter,
+    encode,
+    replay,
+)
 from index.events import Event, Limits, Rejection, check_batch
 from index.store import StoreWriter, UserStore
 from index.user_stats import StatsCache
 from recsys.v1 import events_pb2
-
-POSITION_KEY, EPOCH_KEY, CHANGELOG_KEY = "log.position", "log.epoch", "log.changelog_seq"
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from nats.aio.msg import Msg
@@ -48,6 +49,7 @@ from nats.js.kv import KeyValue
 from event_service.config import Settings
 from event_service.metrics import WorkerMetrics
 from event_service.shard import ChangelogEntry, LogMessage, Prepared, Shard
+from eventlog import snapshots
 from eventlog.jetstream import (
     EPOCH,
     KIND,
@@ -80,6 +82,9 @@ class WorkerSettings(Settings):
     lease_s: float = field(default=3.0, metadata={
         "help": "a partition whose owner has not renewed it for this long is taken over"})
     inbox_max_events: int = 20_000  # read ahead of the shard thread, per partition
+    snapshot_every_s: float = field(default=300.0, metadata={
+        "help": "copy each owned shard to the log's object store this often (a takeover "
+                "then replays only the changelog after the latest copy)"})
     crash_after_commits: int = field(default=0, metadata={
         "help": "fault injection (tests): kill -9 this process after publishing this many "
                 "changelog messages, before the last one's LMDB commit (0 = never)"})
@@ -108,6 +113,8 @@ class Owned:
     claimed_at: float = field(default_factory=time.monotonic)
     shard: Shard | None = None
     live: bool = False
+    snapshot_seq: int = 0  # the changelog sequence of the last snapshot uploaded
+    snapshotting: asyncio.Task[None] | None = None
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
 
@@ -142,6 +149,7 @@ class Worker:
         await ensure_log(self.js, self.log)
         self.owners = await self.js.key_value(self.log.owners_bucket)
         self.members = await self.js.key_value(self.log.members_bucket)
+        self.snapshots = await snapshots.bucket(self.js, self.log)
         log.info("worker %s joined the log at %s (%d partitions)", self.id, self.log.urls,
                  self.log.partitions)
         next_housekeeping = 0.0
@@ -267,8 +275,9 @@ class Worker:
             await self._stop(owned)
 
     async def _release(self, owned: Owned) -> None:
-        """Stop serving a partition, then mark its lease free for another worker."""
-        await self._stop(owned)
+        """Stop serving a partition, leave a snapshot of it for the next owner, then mark
+        its lease free for another worker."""
+        await self._stop(owned, final_snapshot=True)
         try:
             await self.owners.update(f"p{owned.partition}", json.dumps({"owner": ""}).encode(),
                                      last=owned.revision)
@@ -276,15 +285,18 @@ class Worker:
             pass  # already someone else's
         log.info("released partition %d", owned.partition)
 
-    async def _stop(self, owned: Owned) -> None:
+    async def _stop(self, owned: Owned, final_snapshot: bool = False) -> None:
         owned.stopping.set()
-        if owned.task is not None:
+        for task in (owned.task, owned.snapshotting):
             try:
-                await owned.task
+                if task is not None:
+                    await task
             except Exception as exc:
                 log.warning("partition %d ended: %s", owned.partition, exc)
         self.owned.pop(owned.partition, None)
         if owned.shard is not None:
+            if final_snapshot and owned.live:
+                await self._snapshot(owned)
             await self._on_thread(owned.shard.close)
         self.metrics.owned.labels(str(owned.partition)).set(0)
 
@@ -294,8 +306,7 @@ class Worker:
         """Restore the shard from the changelog, fence the partition, then consume it."""
         p = owned.partition
         path = self.shards_root / f"p{p:04d}"
-        owned.shard = shard = await self._on_thread(
-            Shard, p, path, self.settings.store_map_bytes, self.settings.store_max_bytes)
+        owned.shard = shard = await self._open(owned, path)
         try:
             await self._fence(owned)
         except Fenced:
@@ -318,6 +329,37 @@ class Worker:
                             shard.position)
                 await asyncio.sleep(0.5)
                 await self._restore(owned)
+
+    async def _open(self, owned: Owned, path: Path) -> Shard:
+        """The partition's shard: the local one, or the snapshot in the log if it is ahead
+        (a new host, or one that has been away)."""
+        sizes = (self.settings.store_map_bytes, self.settings.store_max_bytes)
+        shard = await self._on_thread(Shard, owned.partition, path, *sizes)
+        newest = await snapshots.latest(self.snapshots, owned.partition)
+        if newest > shard.changelog_seq:
+            await self._on_thread(shard.close)
+            await snapshots.download(self.snapshots, owned.partition, path)
+            shard = await self._on_thread(Shard, owned.partition, path, *sizes)
+        owned.snapshot_seq = newest
+        return shard
+
+    async def _snapshot(self, owned: Owned) -> None:
+        """Upload a copy of the shard (a read txn: commits go on meanwhile)."""
+        shard = owned.shard
+        assert shard is not None
+        seq = shard.changelog_seq
+        try:
+            size = await snapshots.upload(
+                self.snapshots, owned.partition, shard.store.path, seq,
+                lambda target: shard.store.env.copy(target, compact=True))
+        except Exception as exc:  # the next round tries again; the changelog has it all
+            log.warning("partition %d: snapshot failed: %s", owned.partition, exc)
+            return
+        owned.snapshot_seq = seq
+        self.metrics.snapshot_seq.labels(str(owned.partition)).set(seq)
+        if size:
+            log.info("partition %d: snapshot at changelog %d (%d bytes)", owned.partition,
+                     seq, size)
 
     async def _restore(self, owned: Owned) -> None:
         """Replay changelog messages the shard does not have yet, in order."""
@@ -397,8 +439,14 @@ class Worker:
             config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
                                       opt_start_seq=shard.position + 1))
         next_prune = 0.0
+        next_snapshot = time.monotonic() + self.settings.snapshot_every_s
         try:
             while not owned.stopping.is_set():
+                if time.monotonic() >= next_snapshot and shard.changelog_seq > \
+                        owned.snapshot_seq and (owned.snapshotting is None
+                                                or owned.snapshotting.done()):
+                    next_snapshot = time.monotonic() + self.settings.snapshot_every_s
+                    owned.snapshotting = asyncio.create_task(self._snapshot(owned))
                 if time.monotonic() >= next_prune:  # here: never beside an open txn of it
                     next_prune = time.monotonic() + self.config.snapshot_poll_s
                     cutoff = time.time() - self.config.dedupe_retention_s

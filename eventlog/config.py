@@ -3,7 +3,7 @@
 Subjects: events of partition p on ``<prefix>.events.<p>`` (stream ``<PREFIX>_EVENTS``),
 the changelog of shard p on ``<prefix>.shard.<p>`` (stream ``<PREFIX>_SHARDS``); leases
 in the KV bucket ``<prefix>_owners`` (key ``p<p>``), worker heartbeats in
-``<prefix>_members``.
+``<prefix>_members``, shard snapshots in the object store ``<prefix>_snapshots``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ class LogConfig:
     partitions: int = 16  # fixed when the stream is created: workers move whole partitions
     replicas: int = 3
     duplicate_window_s: float = 120.0  # the server drops a resent event_id within this
-    retention_s: float = 7 * 86_400.0  # events kept (a shard can be rebuilt from its changelog)
+    retention_s: float = 7 * 86_400.0  # events, and the shards' changelog, kept this long
     prefix: str = "freshrec"
 
     def __post_init__(self) -> None:
@@ -51,6 +51,10 @@ class LogConfig:
     @property
     def members_bucket(self) -> str:
         return f"{self.prefix}_members"
+
+    @property
+    def snapshots_bucket(self) -> str:
+        return f"{self.prefix}_snapshots"
 
     def events_subject(self, partition: int) -> str:
         return f"{self.prefix}.events.{partition}"

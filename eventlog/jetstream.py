@@ -87,7 +87,7 @@ async def _ensure(js: JetStreamContext, config: LogConfig) -> None:
         config.shards_stream: api.StreamConfig(
             name=config.shards_stream, subjects=[f"{config.prefix}.shard.*"],
             description=layout, num_replicas=config.replicas, storage=api.StorageType.FILE,
-            max_msg_size=MAX_PAYLOAD),
+            max_msg_size=MAX_PAYLOAD, max_age=config.retention_s),
     }
     for name, stream in streams.items():
         try:
@@ -103,6 +103,11 @@ async def _ensure(js: JetStreamContext, config: LogConfig) -> None:
             await js.key_value(bucket)
         except (NotFoundError, nats.js.errors.BucketNotFoundError):
             await js.create_key_value(bucket=bucket, history=1, replicas=config.replicas)
+    try:
+        await js.object_store(config.snapshots_bucket)
+    except (NotFoundError, nats.js.errors.BucketNotFoundError):
+        await js.create_object_store(config.snapshots_bucket, config=api.ObjectStoreConfig(
+            replicas=config.replicas, storage=api.StorageType.FILE))
 
 
 async def last_sequence(js: JetStreamContext, stream: str, subject: str) -> int:

@@ -21,6 +21,9 @@ from typing import Any
 from index.store import StoreWriter
 from index.user_record import UserRecord
 
+# A shard's meta says where it stands, in the txn of the state it describes: the last
+# events-stream sequence applied, its owner's fencing epoch, its last changelog message.
+POSITION_KEY, EPOCH_KEY, CHANGELOG_KEY = "log.position", "log.epoch", "log.changelog_seq"
 _LEN = struct.Struct("<I")
 _F8 = struct.Struct("<d")
 _U8 = struct.Struct("<Q")

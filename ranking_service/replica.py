@@ -15,17 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from nats.aio.msg import Msg
 from nats.js import api
 
+from eventlog import snapshots
 from eventlog.config import LogConfig
 from eventlog.jetstream import POSITION, Loop, connect, ensure_log
-from index.changelog import replay
-from index.store import StoreWriter, UserStore
+from index.changelog import CHANGELOG_KEY, POSITION_KEY, replay
+from index.store import HALF_LIFE_KEY, StoreWriter, UserStore
 
 log = logging.getLogger("freshrec.replica")
 FOLLOWED_KEY = "log.followed_seq"  # the last changelog message applied
@@ -34,6 +37,11 @@ FOLLOWED_KEY = "log.followed_seq"  # the last changelog message applied
 def position_key(partition: int) -> str:
     """The meta key of a partition's applied event-log position in a replica."""
     return f"log.position.{partition}"
+
+
+def changelog_key(partition: int) -> str:
+    """The meta key of the last changelog message of a partition in a replica."""
+    return f"log.changelog.{partition}"
 
 
 class Replica:
@@ -56,13 +64,50 @@ class Replica:
         self.client, self.js = await connect(self.config, "freshrec-replica")
         await ensure_log(self.js, self.config)
         self._arrived = asyncio.Event()
-        start = int(self.store.get_meta(FOLLOWED_KEY) or 0) + 1
+        if self.store.get_meta(FOLLOWED_KEY) is None:
+            await self._bootstrap()
+        self._changelog = {p: int(self.store.get_meta(changelog_key(p)) or 0)
+                           for p in range(self.config.partitions)}
+        start = min([int(self.store.get_meta(FOLLOWED_KEY) or 0), *self._changelog.values()]) + 1
         self._sub = await self.js.subscribe(
             f"{self.config.prefix}.shard.*", cb=self._receive, ordered_consumer=True,
             config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
                                       opt_start_seq=start))
         self._task = asyncio.create_task(self._apply_loop())
         log.info("following the shards' changelog from message %d", start)
+
+    async def _bootstrap(self) -> None:
+        """An empty replica starts from the shards' snapshots (the changelog before them
+        may have aged out of the log), then follows the changelog after each."""
+        bucket = await snapshots.bucket(self.js, self.config)
+        for p in range(self.config.partitions):
+            if not await snapshots.latest(bucket, p):
+                continue
+            with tempfile.TemporaryDirectory(dir=self.store.path.parent) as tmp:
+                await snapshots.download(bucket, p, Path(tmp) / "shard")
+                with UserStore(Path(tmp) / "shard", readonly=True) as shard:
+                    await asyncio.get_running_loop().run_in_executor(
+                        self._thread, self._adopt, p, shard)
+        self.store.transact(lambda w: w.put_meta(FOLLOWED_KEY, "0"))
+
+    def _adopt(self, partition: int, shard: UserStore) -> None:
+        def work(writer: StoreWriter) -> None:
+            with shard.env.begin(buffers=True) as txn:
+                for key, value in txn.cursor(db=shard.dbs["users"]):
+                    writer.txn.put(bytes(key), bytes(value), db=writer.dbs["users"])
+            now = time.time()
+            for item, count in shard.item_counts(now).items():  # sums: add them up
+                writer.add_item_count(item, count, now)
+            for mine, theirs in ((position_key(partition), POSITION_KEY),
+                                 (changelog_key(partition), CHANGELOG_KEY)):
+                writer.put_meta(mine, shard.get_meta(theirs) or "0")
+            half_life = shard.get_meta(HALF_LIFE_KEY.decode())
+            if half_life is not None:
+                writer.put_meta(HALF_LIFE_KEY.decode(), half_life)
+
+        self.store.transact(work)
+        log.info("partition %d: adopted its snapshot (%d users)", partition,
+                 shard.count("users"))
 
     async def _receive(self, msg: Msg) -> None:
         self._pending.append(msg)
@@ -86,13 +131,22 @@ class Replica:
                 return
 
     def _apply(self, msgs: list[Msg]) -> None:
+        done = dict(self._changelog)
+
         def work(writer: StoreWriter) -> None:
+            done.update(self._changelog)  # (a rerun after growing the map starts again)
             for msg, partition, position in _entries(msgs):
+                seq = msg.metadata.sequence.stream
+                if seq <= done[partition]:
+                    continue  # in the snapshot this replica started from
                 replay(writer, msg.data, users_only=True)
                 writer.put_meta(position_key(partition), str(position))
+                writer.put_meta(changelog_key(partition), str(seq))
+                done[partition] = seq
             writer.put_meta(FOLLOWED_KEY, str(msgs[-1].metadata.sequence.stream))
 
         self.store.transact(work)
+        self._changelog = done
         self.applied += len(msgs)
 
     def stop(self, timeout: float) -> None:

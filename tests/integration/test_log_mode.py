@@ -17,16 +17,19 @@ import pytest
 from bench.cluster import Plan, run
 from bench.services import start_process, stop
 from event_service.metrics import WorkerMetrics
-from event_service.shard import POSITION_KEY, LogMessage, Shard
+from event_service.shard import LogMessage, Shard
 from event_service.worker import Fenced, Owned, Worker, WorkerSettings
+from eventlog import snapshots
 from eventlog.cluster import Cluster
 from eventlog.config import LogConfig
 from eventlog.jetstream import connect, ensure_log
 from eventlog.seed import seed
 from index import snapshots_dir, users_dir
 from index.catalog import CatalogSnapshot
+from index.changelog import POSITION_KEY
 from index.follower import SnapshotFollower
 from index.store import UserStore
+from ranking_service.replica import Replica, position_key
 from recsys.v1 import events_pb2, events_pb2_grpc, ranking_pb2, ranking_pb2_grpc
 from tests.integration.conftest import playback, status_of
 
@@ -64,6 +67,12 @@ def _worker(tmp_path: Path, data_dir: Path, log: LogConfig, name: str) -> Worker
     return Worker(settings, catalogs, WorkerMetrics())
 
 
+def _users(store: UserStore) -> dict[str, bytes]:
+    """Every user's stored record, as bytes."""
+    with store.env.begin() as txn:
+        return {bytes(k).decode(): bytes(v) for k, v in txn.cursor(db=store.dbs["users"])}
+
+
 def _messages(log: LogConfig, first: int, n: int, partition: int = 0) -> list[LogMessage]:
     users = [u for u in (f"u{i}" for i in range(1000)) if log.partition(u) == partition]
     return [LogMessage(first + i, playback(f"e{first + i}", users[i % 5], "i1")
@@ -97,6 +106,45 @@ def test_an_old_owner_cannot_commit_after_a_new_owner_has_fenced_the_partition(
     assert (new_position, new_seen) == (10, 10)  # the new owner has all the old one committed
 
 
+def test_a_new_owner_and_a_new_replica_start_from_the_snapshot_then_replay_the_rest(
+        tmp_path: Path, data_dir: Path, nats_node: Cluster) -> None:
+    log = LogConfig(urls=nats_node.urls, partitions=4, replicas=1, prefix="snap")
+
+    async def scenario() -> tuple[int, int, Shard]:
+        old, new = (_worker(tmp_path, data_dir, log, n) for n in ("old", "new"))
+        for worker in (old, new):
+            worker.client, worker.js = await connect(log, worker.id)
+            await ensure_log(worker.js, log)
+            worker.snapshots = await snapshots.bucket(worker.js, log)
+        mine = Owned(0, epoch=1, revision=0)
+        mine.shard = await old._open(mine, tmp_path / "old" / "p0")
+        await old._fence(mine)
+        await old._commit(mine, _messages(log, 1, 10))
+        await old._snapshot(mine)
+        snapped = mine.snapshot_seq
+        await old._commit(mine, _messages(log, 11, 10))
+        theirs = Owned(0, epoch=2, revision=0)
+        theirs.shard = await new._open(theirs, tmp_path / "new" / "p0")  # an empty data dir
+        from_snapshot = theirs.shard.changelog_seq
+        await new._fence(theirs)
+        for worker in (old, new):
+            await worker.client.close()
+        return snapped, from_snapshot, theirs.shard
+
+    snapped, from_snapshot, shard = asyncio.run(scenario())
+    assert snapped > 0 and from_snapshot == snapped  # started at the snapshot ...
+    assert shard.position == 20 and shard.store.count("seen") == 20  # ... and replayed the rest
+    with UserStore(tmp_path / "replica") as store:
+        replica = Replica(log, store)
+        replica.start()
+        deadline = time.monotonic() + 10
+        while int(store.get_meta(position_key(0)) or 0) < 20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        replica.stop(5)
+        users = _users(shard.store)
+        assert users and all(store.get_user(u).encode() == raw for u, raw in users.items())
+
+
 def test_seeded_batch_users_are_restored_into_the_shard_of_their_partition(
         tmp_path: Path, data_dir: Path, nats_node: Cluster) -> None:
     log = LogConfig(urls=nats_node.urls, partitions=4, replicas=1, prefix="seeded")
@@ -115,9 +163,7 @@ def test_seeded_batch_users_are_restored_into_the_shard_of_their_partition(
             return owned.shard
 
         shard = asyncio.run(restore())
-        with batch.env.begin() as txn:
-            mine = {bytes(k).decode(): bytes(v) for k, v in txn.cursor(db=batch.dbs["users"])
-                    if log.partition(bytes(k).decode()) == 2}
+        mine = {u: raw for u, raw in _users(batch).items() if log.partition(u) == 2}
         assert mine and shard.store.count("users") == len(mine)
         assert all(shard.store.get_user(u).encode() == raw for u, raw in mine.items())
 
