@@ -97,6 +97,10 @@ class WorkerSettings(Settings):
             object.__setattr__(self, "worker_id", f"{socket.gethostname()}-{os.getpid()}")
         if not self.lease_s > 0:
             raise ValueError(f"lease_s must be > 0, got {self.lease_s}")
+        if not 0 < self.snapshot_every_s < self.log_retention_s / 2:
+            raise ValueError("snapshot_every_s must be > 0 and well inside the log's "
+                             f"retention ({self.log_retention_s} s): the changelog before "
+                             "a snapshot ages out")
 
 
 class Fenced(Exception):
@@ -134,6 +138,7 @@ class Worker:
         self._seen: dict[str, tuple[int, float]] = {}  # KV key -> (revision, first seen)
         self._free_since: dict[int, float] = {}
         self._healthy_since = time.monotonic()  # since the last failed tick
+        self._closing: dict[int, asyncio.Task[None]] = {}  # released: final snapshot
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="freshrec-shard")
         self._published = 0
         self.stopping = asyncio.Event()
@@ -172,6 +177,7 @@ class Worker:
         """Finish what is in flight, hand every partition back, and say goodbye."""
         for owned in list(self.owned.values()):
             await self._release(owned)
+        await asyncio.gather(*self._closing.values())
         try:
             await self.members.delete(self.id)
         except Exception as exc:
@@ -195,8 +201,9 @@ class Worker:
         # from the moment it stops, whatever this worker's share is then.
         claimable: list[tuple[int, KeyValue.Entry | None]] = []
         for p in range(partitions):
-            if p in self.owned:
-                continue
+            closing = self._closing.get(p)
+            if p in self.owned or (closing is not None and not closing.done()):
+                continue  # (a shard still being closed here cannot be opened again yet)
             entry = await self._lease(p)
             if entry is None or self._free(f"p{p}", entry):
                 self._free_since.setdefault(p, time.monotonic())
@@ -273,19 +280,24 @@ class Worker:
         except KeyWrongLastSequenceError:
             log.warning("lost the lease of partition %d", owned.partition)
             await self._stop(owned)
+            await self._close(owned, final_snapshot=False)
 
     async def _release(self, owned: Owned) -> None:
-        """Stop serving a partition, leave a snapshot of it for the next owner, then mark
-        its lease free for another worker."""
-        await self._stop(owned, final_snapshot=True)
+        """Stop serving a partition and free its lease at once; then leave a snapshot of
+        it for the next owner in the background (until it lands, the next owner starts
+        from the previous snapshot and a longer changelog tail: slower, as correct)."""
+        await self._stop(owned)
         try:
             await self.owners.update(f"p{owned.partition}", json.dumps({"owner": ""}).encode(),
                                      last=owned.revision)
         except KeyWrongLastSequenceError:
             pass  # already someone else's
+        self._closing[owned.partition] = asyncio.create_task(
+            self._close(owned, final_snapshot=True))
         log.info("released partition %d", owned.partition)
 
-    async def _stop(self, owned: Owned, final_snapshot: bool = False) -> None:
+    async def _stop(self, owned: Owned) -> None:
+        """Stop the partition's task and any snapshot of it in flight."""
         owned.stopping.set()
         for task in (owned.task, owned.snapshotting):
             try:
@@ -294,11 +306,14 @@ class Worker:
             except Exception as exc:
                 log.warning("partition %d ended: %s", owned.partition, exc)
         self.owned.pop(owned.partition, None)
-        if owned.shard is not None:
-            if final_snapshot and owned.live:
-                await self._snapshot(owned)
-            await self._on_thread(owned.shard.close)
         self.metrics.owned.labels(str(owned.partition)).set(0)
+
+    async def _close(self, owned: Owned, final_snapshot: bool) -> None:
+        if owned.shard is None:
+            return
+        if final_snapshot and owned.live:
+            await self._snapshot(owned)
+        await self._on_thread(owned.shard.close)
 
     # -- serving a partition -----------------------------------------------------------
 

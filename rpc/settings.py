@@ -46,6 +46,9 @@ class ServerSettings:
     log_partitions: int = LogConfig.partitions
     log_replicas: int = LogConfig.replicas
     log_duplicate_window_s: float = LogConfig.duplicate_window_s
+    log_retention_s: float = field(default=LogConfig.retention_s, metadata={
+        "help": "events and the shards' changelog are kept this long (snapshots cover "
+                "what ages out)"})
     log_prefix: str = LogConfig.prefix
 
     @classmethod
@@ -62,7 +65,8 @@ class ServerSettings:
         """Where the event log is and how it is laid out (log mode only)."""
         return LogConfig(urls=self.log_urls, partitions=self.log_partitions,
                          replicas=self.log_replicas,
-                         duplicate_window_s=self.log_duplicate_window_s, prefix=self.log_prefix)
+                         duplicate_window_s=self.log_duplicate_window_s,
+                         retention_s=self.log_retention_s, prefix=self.log_prefix)
 
     def check_security(self) -> None:
         """Refuse half-configured TLS."""
