@@ -62,7 +62,6 @@ class Prepared:
     txn: lmdb.Transaction
     payload: bytes
     position: int
-    users: list[str]
     applied: int  # new events
     duplicates: int
     rejected: int
@@ -81,19 +80,19 @@ class Shard:
 
     def replay(self, entries: Sequence[ChangelogEntry]) -> None:
         """Apply changelog entries past the shard's own, in one txn (restore, catch-up)."""
-        def work(writer: StoreWriter) -> None:
+        def work(writer: StoreWriter) -> tuple[int, int, int]:
+            stand = (self.position, self.epoch, self.changelog_seq)
             for entry in entries:
-                if entry.sequence <= self.changelog_seq:
+                if entry.sequence <= stand[2]:
                     continue  # already in this shard (the changelog sequence is exact)
                 replay(writer, entry.payload)
-                self._stand(writer, entry.position, entry.epoch, entry.sequence)
+                stand = (entry.position, entry.epoch, entry.sequence)
+            for key, value in zip((POSITION_KEY, EPOCH_KEY, CHANGELOG_KEY), stand,
+                                  strict=True):
+                writer.put_meta(key, str(value))
+            return stand
 
-        before = (self.position, self.epoch, self.changelog_seq)
-        try:
-            self.store.transact(work)
-        except BaseException:
-            self.position, self.epoch, self.changelog_seq = before
-            raise
+        self.position, self.epoch, self.changelog_seq = self.store.transact(work)
 
     def prepare(self, messages: Sequence[LogMessage], epoch: int, catalog: CatalogSnapshot,
                 config: WriterConfig, limits: Limits, stats: StatsCache,
@@ -117,8 +116,7 @@ class Shard:
             return encode(recorder.ops), sum(o.duplicate for o in outcomes)
 
         txn, (payload, duplicates) = self.store.prepare(work)
-        users = sorted({e.user_id for e in events})
-        return Prepared(txn, payload, position, users, len(events) - duplicates, duplicates,
+        return Prepared(txn, payload, position, len(events) - duplicates, duplicates,
                         len(rejected))
 
     def prepare_claim(self, epoch: int, item_half_life_s: float) -> Prepared:
@@ -130,7 +128,7 @@ class Shard:
             return encode(recorder.ops)
 
         txn, payload = self.store.prepare(work)
-        return Prepared(txn, payload, self.position, [], 0, 0, 0)
+        return Prepared(txn, payload, self.position, 0, 0, 0)
 
     def finish(self, prepared: Prepared, epoch: int, changelog_seq: int) -> None:
         """Commit a prepared txn once its changelog message is in the log at `changelog_seq`."""
@@ -139,17 +137,10 @@ class Shard:
         self.position, self.epoch, self.changelog_seq = prepared.position, epoch, changelog_seq
 
     @staticmethod
-    def abort(prepared: Prepared, stats: StatsCache) -> None:
-        """Drop a prepared txn (its changelog was refused) and the statistics it updated."""
+    def abort(prepared: Prepared) -> None:
+        """Drop a prepared txn (its changelog was refused). The fold-in statistics it put
+        in the cache are of record versions never stored: the next event rebuilds them."""
         prepared.txn.abort()
-        for user in prepared.users:
-            stats.discard(user)
-
-    def _stand(self, writer: StoreWriter, position: int, epoch: int, changelog_seq: int) -> None:
-        writer.put_meta(POSITION_KEY, str(position))
-        writer.put_meta(EPOCH_KEY, str(epoch))
-        writer.put_meta(CHANGELOG_KEY, str(changelog_seq))
-        self.position, self.epoch, self.changelog_seq = position, epoch, changelog_seq
 
     def _decode(self, messages: Sequence[LogMessage], now: float, limits: Limits,
                 partition_of: Callable[[str], int]

@@ -424,7 +424,7 @@ class Worker:
             ack = await self.js.publish(self.log.shard_subject(owned.partition),
                                         prepared.payload, headers=headers, timeout=5)
         except Exception as exc:
-            await self._on_thread(Shard.abort, prepared, self.stats)
+            await self._on_thread(Shard.abort, prepared)
             if is_wrong_last_sequence(exc):
                 return False
             raise
@@ -494,7 +494,7 @@ class Worker:
             shard.prepare, group, owned.epoch, self.catalogs.live, self.config,
             self.settings.limits, self.stats, self.log.partition)
         if len(prepared.payload) > MAX_PAYLOAD - _COMMIT_HEADROOM and len(group) > 1:
-            await self._on_thread(Shard.abort, prepared, self.stats)
+            await self._on_thread(Shard.abort, prepared)
             half = len(group) // 2
             await self._commit(owned, group[:half])
             await self._commit(owned, group[half:])
