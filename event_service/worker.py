@@ -157,8 +157,12 @@ class Worker:
         self.snapshots = await snapshots.bucket(self.js, self.log)
         log.info("worker %s joined the log at %s (%d partitions)", self.id, self.log.urls,
                  self.log.partitions)
-        next_housekeeping = 0.0
+        next_housekeeping, last_tick = 0.0, time.monotonic()
+        self._healthy_since = last_tick  # a newcomer first watches a lease: who is alive
         while not self.stopping.is_set():
+            if time.monotonic() - last_tick > self.settings.lease_s:
+                self._healthy_since = time.monotonic()  # this process was paused itself
+            last_tick = time.monotonic()
             try:
                 await self._tick()
                 if time.monotonic() >= next_housekeeping:
@@ -210,6 +214,8 @@ class Worker:
                 claimable.append((p, entry))
             else:
                 self._free_since.pop(p, None)
+        if not self._trusted():  # only what nobody holds: never claimed, or handed back
+            claimable = [(p, e) for p, e in claimable if e is None or not _owner(e)]
         for p, entry in claimable:
             free_for = time.monotonic() - self._free_since[p]
             if len(self.owned) < low or (len(self.owned) < high
@@ -247,14 +253,16 @@ class Worker:
         except KeyNotFoundError:
             return None
 
+    def _trusted(self) -> bool:
+        """Whether this worker has watched the log for a whole lease without a gap: only
+        then is a key it saw unchanged really unrenewed (after joining, after it could not
+        reach the log, or after it was paused itself, the others may be fine)."""
+        return time.monotonic() - self._healthy_since > self.settings.lease_s
+
     def _free(self, key: str, entry: KeyValue.Entry) -> bool:
-        """Released, or not renewed for a lease. After this worker could not reach the
-        log itself, it first watches for a lease again: the owner may have been cut off
-        too, and is renewing now."""
-        owner = json.loads(entry.value or b"{}").get("owner", "")
+        """Released, or not renewed for a lease (as far as this worker can tell)."""
         stale = self._stale(key, int(entry.revision or 0))
-        trusted = time.monotonic() - self._healthy_since > self.settings.lease_s
-        return not owner or (stale and trusted)
+        return not _owner(entry) or (stale and self._trusted())
 
     async def _claim(self, p: int, entry: KeyValue.Entry | None) -> None:
         value = json.dumps({"owner": self.id}).encode()
@@ -532,6 +540,11 @@ class Worker:
             self.metrics.epoch.labels(label).set(owned.epoch)
             if owned.shard is not None:
                 self.metrics.position.labels(label).set(owned.shard.position)
+
+
+def _owner(lease: KeyValue.Entry) -> str:
+    """The worker a lease names ("" once handed back)."""
+    return str(json.loads(lease.value or b"{}").get("owner", ""))
 
 
 def _entry(msg: Msg) -> ChangelogEntry:
