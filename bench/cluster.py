@@ -415,12 +415,12 @@ def replay_single_process(base: Path, messages: list[Any], users: set[str]) -> d
 # -- the run ---------------------------------------------------------------------------
 
 
-# When each fault happens, as a fraction of the load's duration.
-FAULTS = [(0.10, "kill w1"), (0.16, "restart w1"), (0.22, "kill w2"),
-          (0.24, "restart w2 to crash in the commit window"), (0.36, "restart w2"),
-          (0.42, "scale up w4"), (0.50, "kill the stream leader"),
-          (0.62, "restart the node"), (0.66, "scale down w4"),
-          (0.76, "kill w3, take over with an empty data dir")]
+# When each fault happens, as a fraction of the load's duration (the first fifth is calm).
+FAULTS = [(0.20, "kill w1"), (0.26, "restart w1"), (0.32, "kill w2"),
+          (0.34, "restart w2 to crash in the commit window"), (0.44, "restart w2"),
+          (0.50, "scale up w4"), (0.58, "kill the stream leader"),
+          (0.68, "restart the node"), (0.72, "scale down w4"),
+          (0.82, "kill w3, take over with an empty data dir")]
 
 
 def _apply(topology: Topology, what: str, state: dict[str, Any]) -> None:
@@ -627,7 +627,8 @@ def scaling(root: Path, base: Path, workers: int, events: int, users: int,
         cpu = [_cpu_seconds(p.pid) - b for p, b in zip(procs, cpu_before, strict=True)]
     finally:
         topology.stop_all()
-    return {"workers": workers, "events": events, "seconds": round(seconds, 2),
+    return {"workers": workers, "events": events, "users": users,
+            "seconds": round(seconds, 2),
             "events_per_s": round(events / seconds),
             "cpu_s_per_10k_events": round(sum(cpu) / events * 10_000, 2),
             "cpu_s_per_worker": [round(c, 1) for c in cpu]}
@@ -647,10 +648,10 @@ def main() -> None:
     result: dict[str, Any] = {"faulted": run(args.root / "faulted", args.base, plan)}
     print(json.dumps(result["faulted"], indent=1), flush=True)
     args.out.write_text(json.dumps(result, indent=1, default=str))
-    if not args.skip_scaling:
+    if not args.skip_scaling:  # users with many events in a backlog, and with ~2 each
         events = 20_000 if args.quick else 200_000
-        result["scaling"] = [scaling(args.root, args.base, k, events, plan.users)
-                             for k in (1, 2, 3)]
+        result["scaling"] = [scaling(args.root, args.base, k, events, users)
+                             for users in (plan.users, events // 2) for k in (1, 2, 3)]
         print(json.dumps(result["scaling"], indent=1), flush=True)
     args.out.write_text(json.dumps(result, indent=1, default=str))
     shutil.rmtree(args.root, ignore_errors=True)
