@@ -454,9 +454,9 @@ def _apply(topology: Topology, what: str, state: dict[str, Any]) -> None:
         topology.start_worker("w5", fresh=True)
 
 
-def takeovers(topology: Topology, changelog: list[Any]) -> list[float]:
-    """Per kill -9 of a worker: seconds until every partition it owned was claimed (and
-    fenced) again, by another worker or by its own restart."""
+def takeovers(topology: Topology, changelog: list[Any]) -> list[dict[str, Any]]:
+    """Per kill -9 of a worker: the partitions it owned, and the seconds until each was
+    claimed (and fenced) again, by another worker or by its own restart."""
     history: dict[str, list[tuple[float, str, str]]] = defaultdict(list)
     for msg in changelog:
         headers = msg.headers or {}
@@ -467,15 +467,15 @@ def takeovers(topology: Topology, changelog: list[Any]) -> list[float]:
         if not what.startswith("SIGKILL"):
             continue
         name = what.split()[-1]
-        claimed = []
-        for entries in history.values():
+        taken = {}
+        for subject, entries in history.items():
             before = [owner for t, _, owner in entries if t <= killed_at]
-            if before[-1:] != [name]:
-                continue
-            claimed.append(next((t for t, kind, _ in entries
-                                 if t > killed_at and kind == "claim"), float("nan")))
-        if claimed:
-            out.append(max(claimed) - killed_at)
+            if before[-1:] == [name]:
+                taken[subject.rsplit(".", 1)[1]] = round(next(
+                    (t for t, kind, _ in entries if t > killed_at and kind == "claim"),
+                    float("nan")) - killed_at, 2)
+        out.append({"worker": name, "partitions": len(taken),
+                    "max_s": max(taken.values(), default=None), "each_s": taken})
     return out
 
 
@@ -531,7 +531,7 @@ def run(root: Path, base: Path, plan: Plan) -> dict[str, Any]:
         "sent": ledger.sent, "failed_calls_resent": ledger.failed_calls,
         "resent_inside_window": ledger.resent_inside,
         "resent_outside_window": ledger.resent_outside,
-        "takeover_s": [round(t, 2) for t in takeovers(topology, log_state["changelog"])],
+        "takeovers": takeovers(topology, log_state["changelog"]),
         "event_to_visible_ms": {name: {"n": len(v), "p50": _ms(v, 0.5), "p99": _ms(v, 0.99),
                                        "max": _ms(v, 1.0)}
                                 for name, v in (("before_faults", steady), ("whole_run", whole))},

@@ -152,9 +152,13 @@ class Worker:
         """Join, hold a fair share of the partitions until asked to stop, then leave."""
         self.client, self.js = await connect(self.log, f"freshrec-worker {self.id}")
         await ensure_log(self.js, self.log)
-        self.owners = await self.js.key_value(self.log.owners_bucket)
-        self.members = await self.js.key_value(self.log.members_bucket)
+        # Leases go through a context with a short timeout: a renewal stuck on a node that
+        # went away must give way to the next try well inside the lease.
+        leases = self.client.jetstream(timeout=self.settings.lease_s / 6)
+        self.owners = await leases.key_value(self.log.owners_bucket)
+        self.members = await leases.key_value(self.log.members_bucket)
         self.snapshots = await snapshots.bucket(self.js, self.log)
+        self._beat = asyncio.create_task(self._heartbeat(), name="heartbeat")
         log.info("worker %s joined the log at %s (%d partitions)", self.id, self.log.urls,
                  self.log.partitions)
         next_housekeeping, last_tick = 0.0, time.monotonic()
@@ -182,6 +186,7 @@ class Worker:
         for owned in list(self.owned.values()):
             await self._release(owned)
         await asyncio.gather(*self._closing.values())
+        self._beat.cancel()
         try:
             await self.members.delete(self.id)
         except Exception as exc:
@@ -192,13 +197,27 @@ class Worker:
 
     # -- membership and leases ---------------------------------------------------------
 
+    async def _heartbeat(self) -> None:
+        """Say this worker is alive and renew its leases, on its own, every lease/6: never
+        behind a claim, a hand-back or the shard thread."""
+        while True:
+            try:
+                await self.members.put(self.id, b"1")
+                for owned in list(self.owned.values()):
+                    if not owned.stopping.is_set():
+                        await self._renew(owned)
+            except Exception as exc:  # the next beat tries again
+                log.warning("heartbeat: %s", exc)
+            await asyncio.sleep(self.settings.lease_s / 6)
+
     async def _tick(self) -> None:
-        await self.members.put(self.id, b"1")
+        """Balance: hand back above the fair share, claim free partitions below it."""
         members = await self._live_members()
         partitions = self.log.partitions
         high, low = math.ceil(partitions / members), partitions // members
         for owned in list(self.owned.values()):
-            await self._renew(owned)
+            if owned.stopping.is_set() or (owned.task is not None and owned.task.done()):
+                await self._release(owned)  # lost, fenced or failed: it is claimed anew
         while len(self.owned) > high:
             await self._release(self.owned[max(self.owned)])
         # Every lease is looked at on every tick, so a dead owner's is seen going stale
@@ -278,28 +297,27 @@ class Worker:
         log.info("claimed partition %d (epoch %d)", p, revision)
 
     async def _renew(self, owned: Owned) -> None:
-        if owned.task is not None and owned.task.done():
-            await self._release(owned)  # fenced or failed: let someone (maybe us) re-claim
-            return
         value = json.dumps({"owner": self.id}).encode()
         try:
             owned.revision = await self.owners.update(f"p{owned.partition}", value,
                                                       last=owned.revision)
         except KeyWrongLastSequenceError:
             log.warning("lost the lease of partition %d", owned.partition)
-            await self._stop(owned)
-            await self._close(owned, final_snapshot=False)
+            owned.stopping.set()  # the balancing tick hands it back (the lease stays theirs)
 
     async def _release(self, owned: Owned) -> None:
         """Stop serving a partition and free its lease at once; then leave a snapshot of
         it for the next owner in the background (until it lands, the next owner starts
         from the previous snapshot and a longer changelog tail: slower, as correct)."""
         await self._stop(owned)
+        key = f"p{owned.partition}"
         try:
-            await self.owners.update(f"p{owned.partition}", json.dumps({"owner": ""}).encode(),
-                                     last=owned.revision)
-        except KeyWrongLastSequenceError:
-            pass  # already someone else's
+            entry = await self.owners.get(key)  # the latest revision: a beat may have renewed
+            if _owner(entry) == self.id:
+                await self.owners.update(key, json.dumps({"owner": ""}).encode(),
+                                         last=entry.revision)
+        except (KeyWrongLastSequenceError, KeyNotFoundError):
+            pass  # someone else's now
         self._closing[owned.partition] = asyncio.create_task(
             self._close(owned, final_snapshot=True))
         log.info("released partition %d", owned.partition)
@@ -522,7 +540,7 @@ class Worker:
     async def _housekeeping(self) -> None:
         """Follow a new model; export each partition's lag."""
         try:
-            if await self._on_thread(self.catalogs.follow) is not None:
+            if await asyncio.to_thread(self.catalogs.follow) is not None:  # not the shard thread
                 log.info("switched to model %s", self.catalogs.version)
         except SnapshotError as exc:
             log.error("refusing new snapshot, keeping %s: %s", self.catalogs.version, exc)
