@@ -284,6 +284,22 @@ async def all_owned(log: LogConfig) -> dict[int, str]:
     return owners
 
 
+def wait_owned(log: LogConfig, workers: int, timeout: float = 120.0) -> None:
+    """Wait until the partitions are shared out fairly among `workers`, then a little more
+    for the last fences."""
+    deadline = time.monotonic() + timeout
+    fair = {log.partitions // workers, -(-log.partitions // workers)}
+    while True:
+        owners = list(asyncio.run(all_owned(log)).values())
+        counts = {o: owners.count(o) for o in owners}
+        if "" not in counts and len(counts) == workers and set(counts.values()) <= fair:
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the partitions were not shared out: {counts}")
+        time.sleep(0.5)
+    time.sleep(2.0)
+
+
 def _shard(root: Path, owner: str, p: int) -> UserStore:
     return UserStore(root / owner / "shards" / f"p{p:04d}", readonly=True)
 
@@ -499,6 +515,7 @@ def run(root: Path, base: Path, plan: Plan) -> dict[str, Any]:
                                        *topology.log_args, workers=1)
             topology.procs[name] = proc
             ranking_ports.append(port)
+        wait_owned(topology.log, 3)  # the load starts on a settled cluster
         ledger, latencies, failures = Ledger(), list[tuple[float, float]](), list[str]()
         stop_flag = threading.Event()
         prober = threading.Thread(target=probe, args=(front_port, ranking_ports[0], stop_flag,
@@ -610,12 +627,7 @@ def scaling(root: Path, base: Path, workers: int, events: int, users: int,
     try:
         for i in range(workers):
             topology.start_worker(f"w{i + 1}")
-        deadline = time.monotonic() + 120
-        while "" in (asyncio.run(all_owned(topology.log))).values():
-            if time.monotonic() > deadline:
-                raise TimeoutError("partitions were not all claimed")
-            time.sleep(0.5)
-        time.sleep(2.0)  # let the fences land and the consumers start
+        wait_owned(topology.log, workers)
         procs = [topology.procs[f"w{i + 1}"] for i in range(workers)]
         for proc in procs:
             proc.send_signal(signal.SIGSTOP)

@@ -35,6 +35,7 @@ import signal
 import socket
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -159,6 +160,7 @@ class Worker:
         self.members = await leases.key_value(self.log.members_bucket)
         self.snapshots = await snapshots.bucket(self.js, self.log)
         self._beat = asyncio.create_task(self._heartbeat(), name="heartbeat")
+        await asyncio.sleep(self.settings.lease_s / 3)  # see the others that start with us
         log.info("worker %s joined the log at %s (%d partitions)", self.id, self.log.urls,
                  self.log.partitions)
         next_housekeeping, last_tick = 0.0, time.monotonic()
@@ -211,17 +213,16 @@ class Worker:
             await asyncio.sleep(self.settings.lease_s / 6)
 
     async def _tick(self) -> None:
-        """Balance: hand back above the fair share, claim free partitions below it."""
-        members = await self._live_members()
+        """Balance: claim free partitions below the fair share, hand back above it."""
+        alive = await self._live_members()
         partitions = self.log.partitions
-        high, low = math.ceil(partitions / members), partitions // members
+        high, low = math.ceil(partitions / len(alive)), partitions // len(alive)
         for owned in list(self.owned.values()):
             if owned.stopping.is_set() or (owned.task is not None and owned.task.done()):
                 await self._release(owned)  # lost, fenced or failed: it is claimed anew
-        while len(self.owned) > high:
-            await self._release(self.owned[max(self.owned)])
         # Every lease is looked at on every tick, so a dead owner's is seen going stale
         # from the moment it stops, whatever this worker's share is then.
+        held: Counter[str] = Counter({self.id: len(self.owned)})
         claimable: list[tuple[int, KeyValue.Entry | None]] = []
         for p in range(partitions):
             closing = self._closing.get(p)
@@ -233,6 +234,14 @@ class Worker:
                 claimable.append((p, entry))
             else:
                 self._free_since.pop(p, None)
+                held[_owner(entry)] += 1
+        # Above the ceiling, hand back; above the floor too, one a tick, when nothing is
+        # free, another live worker is below the floor, and this one holds the most.
+        starving = not claimable and any(held[m] < low for m in alive)
+        busiest = max(alive, key=lambda m: (held[m], m)) == self.id
+        while len(self.owned) > high or (starving and busiest and len(self.owned) > low):
+            await self._release(self.owned[max(self.owned)])
+            starving = False
         if not self._trusted():  # only what nobody holds: never claimed, or handed back
             claimable = [(p, e) for p, e in claimable if e is None or not _owner(e)]
         for p, entry in claimable:
@@ -242,7 +251,7 @@ class Worker:
                 await self._claim(p, entry)
         self._export()
 
-    async def _live_members(self) -> int:
+    async def _live_members(self) -> set[str]:
         try:
             keys = await self.members.keys()
         except Exception:  # nats-py raises NoKeysError when the bucket is empty
@@ -255,7 +264,7 @@ class Worker:
                 continue
             if not self._stale(f"m:{key}", int(entry.revision or 0)):
                 alive.add(key)
-        return len(alive)
+        return alive
 
     def _stale(self, key: str, revision: int) -> bool:
         """True once a key's revision has not changed for a lease, as seen from here."""
