@@ -124,7 +124,7 @@ class Topology:
         log = open(self.root / f"{name}.log", "a")  # noqa: SIM115 (the child owns it)
         self.procs[name] = subprocess.Popen(
             [sys.executable, "-m", "event_service.worker", "--data-dir",
-             str(self.data_dir(name, fresh)), "--worker-id", name, "--snapshot-every-s", "3",
+             str(self.data_dir(name, fresh)), "--worker-id", name, "--snapshot-every-s", "10",
              *self.log_args, *extra],
             stderr=log, stdout=subprocess.DEVNULL,
             env={**os.environ, "PYTHONPATH": os.getcwd()})

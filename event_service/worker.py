@@ -458,9 +458,9 @@ class Worker:
         try:
             ack = await self.js.publish(self.log.shard_subject(owned.partition),
                                         prepared.payload, headers=headers, timeout=5)
-        except Exception as exc:
+        except BaseException as exc:  # (cancelled too: an open txn would hold the env)
             await self._on_thread(Shard.abort, prepared)
-            if is_wrong_last_sequence(exc):
+            if isinstance(exc, Exception) and is_wrong_last_sequence(exc):
                 return False
             raise
         self._published += 1

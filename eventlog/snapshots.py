@@ -31,6 +31,7 @@ from eventlog.config import LogConfig
 from index.files import fsync_dir
 
 log = logging.getLogger("freshrec.snapshots")
+TRANSFER_TIMEOUT_S = 30.0  # a snapshot transfer that takes longer has stalled: retry it
 
 
 async def bucket(js: JetStreamContext, config: LogConfig) -> ObjectStore:
@@ -58,18 +59,21 @@ async def upload(store: ObjectStore, partition: int, env_path: Path, changelog_s
         data = (Path(tmp) / "data.mdb").read_bytes()
     meta = api.ObjectMeta(name=f"p{partition}",
                           description=json.dumps({"changelog_seq": changelog_seq}))
-    await store.put(f"p{partition}", data, meta=meta)
+    await asyncio.wait_for(store.put(f"p{partition}", data, meta=meta), TRANSFER_TIMEOUT_S)
     return len(data)
 
 
-async def download(store: ObjectStore, partition: int, env_path: Path) -> int:
+async def download(store: ObjectStore, partition: int, env_path: Path,
+                   timeout: float = TRANSFER_TIMEOUT_S) -> int:
     """Replace the LMDB env at `env_path` by the partition's snapshot (the env must be
-    closed); the changelog sequence it includes."""
+    closed); the changelog sequence it includes. TimeoutError (nothing replaced) if the
+    transfer stalls, e.g. across a leader change: the caller tries again."""
     incoming = env_path.with_name(env_path.name + ".incoming")
     shutil.rmtree(incoming, ignore_errors=True)
     incoming.mkdir(parents=True)
     with open(incoming / "data.mdb", "wb") as out:
-        result = await store.get(f"p{partition}", writeinto=out)  # checks the sha256
+        result = await asyncio.wait_for(  # the object store checks the sha256
+            store.get(f"p{partition}", writeinto=out), timeout)
         out.flush()
         os.fsync(out.fileno())
     assert result.info is not None
