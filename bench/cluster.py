@@ -536,7 +536,7 @@ def run(root: Path, base: Path, plan: Plan) -> dict[str, Any]:
         caught_up_s = wait_caught_up(topology, 120)
         log_state = asyncio.run(read_log(topology.log))
         result = verify(topology, ledger, log_state)
-        result["replicas_behind"] = replicas_behind(topology, ranking_ports, log_state)
+        result.update(replicas_behind(topology, ranking_ports, log_state))
     finally:
         topology.stop_all()
     first_fault = started + FAULTS[0][0] * plan.seconds
@@ -558,9 +558,12 @@ def run(root: Path, base: Path, plan: Plan) -> dict[str, Any]:
     return result
 
 
-def replicas_behind(topology: Topology, ports: list[int], log_state: dict[str, Any]) -> int:
-    """Users whose record in a ranking replica differs from their final shard's (after the
-    replicas caught up with the changelog: a Recommend at each partition's last seq)."""
+def replicas_behind(topology: Topology, ports: list[int],
+                    log_state: dict[str, Any]) -> dict[str, float]:
+    """After the replicas caught up with the changelog (a Recommend at each partition's
+    last sequence): users whose record in a replica differs from their final shard's, and
+    the largest relative difference of a replica's item count (trending) from the sum of
+    the shards' counts."""
     log = topology.log
     for port in ports:
         stub = ranking_pb2_grpc.RankingServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
@@ -570,16 +573,27 @@ def replicas_behind(topology: Topology, ports: list[int], log_state: dict[str, A
             if user is not None:
                 stub.Recommend(ranking_pb2.RecommendRequest(
                     user_id=user, k=1, min_log_sequence=log_state["lasts"][p]), timeout=30)
-    behind = 0
-    for name in ("rk1", "rk2"):
-        with UserStore(topology.root / name / "users.lmdb", readonly=True) as replica:
-            for p in range(log.partitions):
-                with _shard(topology.root, log_state["owners"][p], p) as shard, \
-                        shard.env.begin() as txn:
-                    for key, value in txn.cursor(db=shard.dbs["users"]):
-                        mine = replica.get_user(bytes(key).decode())
-                        behind += mine is None or mine.encode() != bytes(value)
-    return behind
+    now, behind, drift = time.time(), 0, 0.0
+    summed: dict[str, float] = defaultdict(float)
+    shards = [_shard(topology.root, log_state["owners"][p], p) for p in range(log.partitions)]
+    try:
+        for shard in shards:
+            for item, count in shard.item_counts(now).items():
+                summed[item] += count
+        for name in ("rk1", "rk2"):
+            with UserStore(topology.root / name / "users.lmdb", readonly=True) as replica:
+                for shard in shards:
+                    with shard.env.begin() as txn:
+                        for key, value in txn.cursor(db=shard.dbs["users"]):
+                            mine = replica.get_user(bytes(key).decode())
+                            behind += mine is None or mine.encode() != bytes(value)
+                counts = replica.item_counts(now)
+                drift = max([drift, *(abs(counts.get(i, 0.0) - c) / c
+                                      for i, c in summed.items() if c > 0)])
+    finally:
+        for shard in shards:
+            shard.close()
+    return {"replica_users_differing": behind, "replica_trending_max_rel_diff": drift}
 
 
 def _ms(values: list[float], q: float) -> float | None:

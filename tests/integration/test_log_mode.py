@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from event_service.metrics import WorkerMetrics
 from event_service.shard import LogMessage, Shard
 from event_service.worker import Fenced, Owned, Worker, WorkerSettings
 from eventlog import snapshots
-from eventlog.cluster import Cluster
+from eventlog.cluster import Cluster, free_port
 from eventlog.config import LogConfig
 from eventlog.jetstream import connect, ensure_log
 from eventlog.seed import seed
@@ -168,9 +170,13 @@ def test_seeded_batch_users_are_restored_into_the_shard_of_their_partition(
         assert all(shard.store.get_user(u).encode() == raw for u, raw in mine.items())
 
 
+Services = tuple[LogConfig, Path, int, int, int]  # log, worker's dir, ports: front,
+# ranking, worker metrics
+
+
 @pytest.fixture(scope="module")
 def log_services(tmp_path_factory: pytest.TempPathFactory, data_dir: Path,
-                 nats_node: Cluster) -> Iterator[tuple[LogConfig, Path, int, int]]:
+                 nats_node: Cluster) -> Iterator[Services]:
     """A worker, a front end and a ranking replica, each with its own data dir, over one
     log of 4 partitions."""
     root = tmp_path_factory.mktemp("hosts")
@@ -184,13 +190,33 @@ def log_services(tmp_path_factory: pytest.TempPathFactory, data_dir: Path,
         proc, ranking = start_process("ranking_service", _host(root, data_dir, "ranking"),
                                       *_log_args(log), workers=1)
         procs.append(proc)
-        worker_dir = _host(root, data_dir, "w1")
+        worker_dir, metrics = _host(root, data_dir, "w1"), free_port()
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "event_service.worker", "--data-dir", str(worker_dir),
-             "--worker-id", "w1", *_log_args(log)], stderr=subprocess.DEVNULL))
-        yield log, worker_dir, front, ranking
+             "--worker-id", "w1", "--metrics-port", str(metrics), *_log_args(log)],
+            stderr=subprocess.DEVNULL))
+        yield log, worker_dir, front, ranking, metrics
     finally:
         stop(procs)
+
+
+def test_workers_export_lag_owner_epoch_and_hand_overs_per_partition(
+        log_services: Services) -> None:
+    log, _, front, _, metrics = log_services
+    events, _ = _stubs(front, 0)
+    events.Track(events_pb2.TrackRequest(event=playback("m1", "metered", "i1")), timeout=10)
+    deadline, text = time.monotonic() + 10, ""
+    while time.monotonic() < deadline and 'freshrec_partition_lag{partition="3"}' not in text:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics") as page:
+                text = page.read().decode()
+        except urllib.error.URLError:
+            pass  # the worker is still starting
+        time.sleep(0.2)
+    for name in ("lag", "owned", "epoch", "position", "handovers_total"):
+        for p in range(log.partitions):
+            assert f'freshrec_partition_{name}{{partition="{p}"}}' in text, (name, p)
+    assert "freshrec_partition_takeover_seconds_count" in text
 
 
 def _stubs(front: int, ranking: int) -> tuple[events_pb2_grpc.EventServiceStub,
@@ -200,8 +226,8 @@ def _stubs(front: int, ranking: int) -> tuple[events_pb2_grpc.EventServiceStub,
 
 
 def test_recommend_at_a_tracked_log_sequence_reads_that_write(
-        log_services: tuple[LogConfig, Path, int, int], catalog: CatalogSnapshot) -> None:
-    _, _, front, ranking = log_services
+        log_services: Services, catalog: CatalogSnapshot) -> None:
+    _, _, front, ranking, _ = log_services
     events, rank = _stubs(front, ranking)
     for n in range(5):
         ack = events.Track(events_pb2.TrackRequest(
@@ -217,8 +243,8 @@ def test_recommend_at_a_tracked_log_sequence_reads_that_write(
 
 
 def test_a_log_sequence_never_reached_is_unavailable_at_the_deadline_not_a_hang(
-        log_services: tuple[LogConfig, Path, int, int]) -> None:
-    _, _, front, ranking = log_services
+        log_services: Services) -> None:
+    _, _, front, ranking, _ = log_services
     _, rank = _stubs(front, ranking)
     started = time.monotonic()
     with pytest.raises(grpc.RpcError) as error:
@@ -230,8 +256,8 @@ def test_a_log_sequence_never_reached_is_unavailable_at_the_deadline_not_a_hang(
 
 
 def test_bad_messages_from_another_producer_are_kept_as_rejections_and_the_rest_applies(
-        log_services: tuple[LogConfig, Path, int, int]) -> None:
-    log, worker_dir, front, ranking = log_services
+        log_services: Services) -> None:
+    log, worker_dir, front, ranking, _ = log_services
     user = next(u for u in (f"x{i}" for i in range(100)) if log.partition(u) == 1)
     stray = next(u for u in (f"y{i}" for i in range(100)) if log.partition(u) == 2)
     no_time = playback("p-no-time", user, "i1")
@@ -262,8 +288,8 @@ def test_bad_messages_from_another_producer_are_kept_as_rejections_and_the_rest_
 
 
 def test_a_resend_after_the_duplicate_window_is_applied_once(
-        log_services: tuple[LogConfig, Path, int, int], catalog: CatalogSnapshot) -> None:
-    log, _, front, ranking = log_services
+        log_services: Services, catalog: CatalogSnapshot) -> None:
+    log, _, front, ranking, _ = log_services
     events, rank = _stubs(front, ranking)
     event = playback("late-resend", "resender", catalog.item_ids[3])
     first = events.Track(events_pb2.TrackRequest(event=event), timeout=10)
@@ -283,7 +309,8 @@ def test_the_log_mode_keeps_every_invariant_through_the_fault_plan(
     assert result["lost_acked"] == result["lost"] == result["double_applied"] == 0, result
     assert result["not_in_seen"] == result["users_in_wrong_shard"] == 0, result
     assert result["two_owners_committing"] == 0 and result["position_not_last"] == 0, result
-    assert result["replicas_behind"] == 0, result
+    assert result["replica_users_differing"] == 0, result
+    assert result["replica_trending_max_rel_diff"] < 1e-6, result  # the shards' sums
     assert result["vectors_compared"] > 100 and result["max_vector_diff"] <= 1e-6, result
     assert result["acked_events"] == 4_000, result  # the client got every event through
     assert result["resent_outside_window"] > 0 and result["claims"] >= 16, result
