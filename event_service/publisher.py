@@ -23,7 +23,7 @@ from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableEr
 from event_service.metrics import EventMetrics
 from event_service.writer import QueueFull, Submission, WriterStopped
 from eventlog.config import LogConfig
-from eventlog.jetstream import Loop, connect, ensure_log
+from eventlog.jetstream import Loop, close, connect, ensure_log
 from index.apply import Outcome
 from index.events import Event
 from recsys.v1 import events_pb2
@@ -77,7 +77,7 @@ class LogPublisher:
             self._lock.wait_for(lambda: self._inflight == 0, timeout)
         if self._loop is not None:
             try:
-                self._loop.run(self.client.drain(), 10)
+                self._loop.run(close(self.client), 10)
             finally:
                 self._loop.stop()
 

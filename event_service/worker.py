@@ -57,6 +57,7 @@ from eventlog.jetstream import (
     MAX_PAYLOAD,
     OWNER,
     POSITION,
+    close,
     connect,
     ensure_log,
     is_wrong_last_sequence,
@@ -181,7 +182,11 @@ class Worker:
                 await asyncio.wait_for(self.stopping.wait(), self.settings.lease_s / 6)
             except TimeoutError:
                 pass
-        await self._leave()
+        try:
+            await asyncio.wait_for(self._leave(), 3 * snapshots.TRANSFER_TIMEOUT_S)
+        except TimeoutError:  # the log is gone: the leases run out by themselves
+            log.warning("worker %s could not hand its partitions back in time", self.id)
+        self._thread.shutdown(wait=True)
 
     async def _leave(self) -> None:
         """Finish what is in flight, hand every partition back, and say goodbye."""
@@ -193,8 +198,7 @@ class Worker:
             await self.members.delete(self.id)
         except Exception as exc:
             log.warning("could not remove the member key: %s", exc)
-        await self.client.drain()
-        self._thread.shutdown()
+        await close(self.client)
         log.info("worker %s left", self.id)
 
     # -- membership and leases ---------------------------------------------------------

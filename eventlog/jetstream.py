@@ -57,6 +57,16 @@ async def connect(config: LogConfig, name: str) -> tuple[Client, JetStreamContex
     return client, client.jetstream(timeout=5)
 
 
+async def close(client: Client, timeout: float = 5.0) -> None:
+    """Drain the connection (flush what is pending), or just close it if the log is not
+    reachable to drain to: stopping never waits on a cluster that is gone."""
+    try:
+        await asyncio.wait_for(client.drain(), timeout)
+    except Exception as exc:
+        log.warning("closing the NATS connection without draining it: %s", exc or "timeout")
+        await client.close()
+
+
 def is_wrong_last_sequence(exc: BaseException) -> bool:
     """True for a publish refused by its expected-last-sequence check (a fence)."""
     return isinstance(exc, APIError) and exc.err_code in WRONG_LAST_SEQUENCE

@@ -26,7 +26,7 @@ from nats.js import api
 
 from eventlog import snapshots
 from eventlog.config import LogConfig
-from eventlog.jetstream import POSITION, Loop, connect, ensure_log
+from eventlog.jetstream import POSITION, Loop, close, connect, ensure_log
 from index.changelog import CHANGELOG_KEY, POSITION_KEY, replay
 from index.store import HALF_LIFE_KEY, StoreWriter, UserStore
 
@@ -153,14 +153,14 @@ class Replica:
         """Stop following (what was applied stays)."""
         if self._loop is not None:
             try:
-                self._loop.run(self._close(), min(timeout, 10))
+                self._loop.run(self._close(), min(timeout, 10) + 1)
             finally:
                 self._loop.stop()
         self._thread.shutdown()
 
     async def _close(self) -> None:
         self._task.cancel()
-        await self.client.drain()
+        await close(self.client)
 
 
 def _entries(msgs: list[Msg]) -> Iterator[tuple[Msg, int, int]]:

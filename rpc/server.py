@@ -172,7 +172,9 @@ def run(name: str, log: logging.Logger, settings: S, open_deps: Callable[[S], D]
     worker_of = "" if worker is None else f"worker {worker}, "
     log.info("%s on %s:%d (%s%s; model %s)", name, settings.host, port, worker_of,
              service.mode, deps.model_version)
-    stop_requested().wait()
+    stop = stop_requested()
+    while not stop.wait(0.5):  # (a bare wait misses a signal another thread received)
+        pass
     who = name if worker is None else f"{name} worker {worker}"
     log.info("%s: shutting down, draining calls in flight", who)
     service.stop(settings.grace_s)
