@@ -68,7 +68,7 @@ class Replica:
             await self._bootstrap()
         self._changelog = {p: int(self.store.get_meta(changelog_key(p)) or 0)
                            for p in range(self.config.partitions)}
-        start = min([int(self.store.get_meta(FOLLOWED_KEY) or 0), *self._changelog.values()]) + 1
+        start = int(self.store.get_meta(FOLLOWED_KEY) or 0) + 1
         self._sub = await self.js.subscribe(
             f"{self.config.prefix}.shard.*", cb=self._receive, ordered_consumer=True,
             config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
@@ -88,7 +88,10 @@ class Replica:
                 with UserStore(Path(tmp) / "shard", readonly=True) as shard:
                     await asyncio.get_running_loop().run_in_executor(
                         self._thread, self._adopt, p, shard)
-        self.store.transact(lambda w: w.put_meta(FOLLOWED_KEY, "0"))
+        # Every changelog message up to the oldest snapshot's is in the snapshots.
+        followed = min(int(self.store.get_meta(changelog_key(p)) or 0)
+                       for p in range(self.config.partitions))
+        self.store.transact(lambda w: w.put_meta(FOLLOWED_KEY, str(followed)))
 
     def _adopt(self, partition: int, shard: UserStore) -> None:
         def work(writer: StoreWriter) -> None:
