@@ -4,7 +4,8 @@ The shard is a `UserStore` (the embedded mode's store, one per partition) whose 
 holds where it stands: the last events-stream sequence applied (`log.position`), the
 fencing epoch of its owner (`log.epoch`) and the last changelog message it contains
 (`log.changelog_seq`), each written in the same txn as the state they describe. Every
-method runs on the worker's one shard thread (LMDB allows one write txn per env).
+write runs on the worker's one shard thread (LMDB allows one write txn per env);
+snapshot copies read it from another (`UserStore.copy_to`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from google.protobuf.message import DecodeError
 
 from event_service.server import to_event
 from event_service.writer import WriterConfig
-from index.apply import apply_group, keep_rejected
+from index.apply import Outcome, apply_group, keep_rejected
 from index.catalog import CatalogSnapshot
 from index.changelog import (
     CHANGELOG_KEY,
@@ -65,6 +66,7 @@ class Prepared:
     applied: int  # new events
     duplicates: int
     rejected: int
+    unknown_items: int = 0  # new events of items the model does not know
 
 
 class Shard:
@@ -106,18 +108,20 @@ class Shard:
         events, rejected = self._decode(messages, now, limits, partition_of)
         position = messages[-1].sequence
 
-        def work(writer: StoreWriter) -> tuple[bytes, int]:
+        def work(writer: StoreWriter) -> tuple[bytes, list[Outcome]]:
             recorder = RecordingWriter(writer)
             keep_rejected(recorder, rejected, now, self._rejected_seq)
             outcomes = apply_group(recorder, catalog, events, config.weights, config.policy,
                                    stats, now)
             writer.put_meta(POSITION_KEY, str(position))
             writer.put_meta(EPOCH_KEY, str(epoch))
-            return encode(recorder.ops), sum(o.duplicate for o in outcomes)
+            return encode(recorder.ops), outcomes
 
-        txn, (payload, duplicates) = self.store.prepare(work)
+        txn, (payload, outcomes) = self.store.prepare(work)
+        duplicates = sum(o.duplicate for o in outcomes)
         return Prepared(txn, payload, position, len(events) - duplicates, duplicates,
-                        len(rejected))
+                        len(rejected), sum(not o.item_known and not o.duplicate
+                                           for o in outcomes))
 
     def prepare_claim(self, epoch: int, item_half_life_s: float) -> Prepared:
         """The fencing commit of a new owner: its epoch and the shard's item half-life."""
@@ -132,8 +136,13 @@ class Shard:
 
     def finish(self, prepared: Prepared, epoch: int, changelog_seq: int) -> None:
         """Commit a prepared txn once its changelog message is in the log at `changelog_seq`."""
-        StoreWriter(prepared.txn, self.store.dbs).put_meta(CHANGELOG_KEY, str(changelog_seq))
-        self.store.commit(prepared.txn)
+        try:
+            StoreWriter(prepared.txn, self.store.dbs).put_meta(CHANGELOG_KEY,
+                                                               str(changelog_seq))
+            self.store.commit(prepared.txn)
+        except BaseException:
+            prepared.txn.abort()  # (an open txn would hold the env); the changelog has it
+            raise
         self.position, self.epoch, self.changelog_seq = prepared.position, epoch, changelog_seq
 
     @staticmethod

@@ -13,8 +13,9 @@ Workers share the partitions of the event log (`eventlog.config`) among themselv
 - **Fencing**: a lease says who should own a partition; the changelog says who did. Every
   commit of a shard is one message on the shard's changelog subject, published with
   ``Nats-Expected-Last-Subject-Sequence`` = the last changelog message the owner knows.
-  A new owner first replays the changelog into its shard (from its own position, or
-  from the start into an empty data dir), then publishes a claim the same way: from
+  A new owner first brings its shard up to the changelog (from the latest shard
+  snapshot in the object store when that is ahead of its own copy or it has none, then
+  the messages after it), then publishes a claim the same way: from
   then on an older owner's commit fails the check, so two owners cannot both commit.
 - **Commit**: a batch of a partition's events (read in stream order from the shard's
   position with an ordered consumer) is applied by `index.apply.apply_group` in an
@@ -36,7 +37,7 @@ import socket
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,7 @@ from eventlog.jetstream import (
     OWNER,
     POSITION,
     close,
+    commit_stand,
     connect,
     ensure_log,
     is_wrong_last_sequence,
@@ -99,6 +101,10 @@ class WorkerSettings(Settings):
             object.__setattr__(self, "worker_id", f"{socket.gethostname()}-{os.getpid()}")
         if not self.lease_s > 0:
             raise ValueError(f"lease_s must be > 0, got {self.lease_s}")
+        if self.dedupe_retention_s < self.log_retention_s:
+            raise ValueError("dedupe_retention_s must cover the log's retention "
+                             f"({self.log_retention_s} s): an event can be read again "
+                             "from anywhere in it")
         if not 0 < self.snapshot_every_s < self.log_retention_s / 2:
             raise ValueError("snapshot_every_s must be > 0 and well inside the log's "
                              f"retention ({self.log_retention_s} s): the changelog before "
@@ -185,7 +191,8 @@ class Worker:
         try:
             await asyncio.wait_for(self._leave(), 3 * snapshots.TRANSFER_TIMEOUT_S)
         except TimeoutError:  # the log is gone: the leases run out by themselves
-            log.warning("worker %s could not hand its partitions back in time", self.id)
+            log.warning("worker %s: its last snapshots and closes did not finish in time",
+                        self.id)
         self._thread.shutdown(wait=True)
 
     async def _leave(self) -> None:
@@ -206,14 +213,16 @@ class Worker:
     async def _heartbeat(self) -> None:
         """Say this worker is alive and renew its leases, on its own, every lease/6: never
         behind a claim, a hand-back or the shard thread."""
-        while True:
+        async def beat(what: str, call: Awaitable[object]) -> None:
             try:
-                await self.members.put(self.id, b"1")
-                for owned in list(self.owned.values()):
-                    if not owned.stopping.is_set():
-                        await self._renew(owned)
+                await call
             except Exception as exc:  # the next beat tries again
-                log.warning("heartbeat: %s", exc)
+                log.warning("heartbeat (%s): %s", what, exc)
+
+        while True:
+            await asyncio.gather(beat("member", self.members.put(self.id, b"1")), *(
+                beat(f"lease {o.partition}", self._renew(o))
+                for o in list(self.owned.values()) if not o.stopping.is_set()))
             await asyncio.sleep(self.settings.lease_s / 6)
 
     async def _tick(self) -> None:
@@ -315,6 +324,10 @@ class Worker:
             owned.revision = await self.owners.update(f"p{owned.partition}", value,
                                                       last=owned.revision)
         except KeyWrongLastSequenceError:
+            entry = await self._lease(owned.partition)  # a renewal that timed out may
+            if entry is not None and _owner(entry) == self.id:  # have landed all the same
+                owned.revision = int(entry.revision or 0)
+                return
             log.warning("lost the lease of partition %d", owned.partition)
             owned.stopping.set()  # the balancing tick hands it back (the lease stays theirs)
 
@@ -389,7 +402,11 @@ class Worker:
         (a new host, or one that has been away)."""
         sizes = (self.settings.store_map_bytes, self.settings.store_max_bytes)
         shard = await self._on_thread(Shard, owned.partition, path, *sizes)
-        newest = await snapshots.latest(self.snapshots, owned.partition)
+        try:
+            newest = await snapshots.latest(self.snapshots, owned.partition)
+        except BaseException:
+            await self._on_thread(shard.close)  # else this process could not open it again
+            raise
         if newest > shard.changelog_seq:
             await self._on_thread(shard.close)
             await snapshots.download(self.snapshots, owned.partition, path)
@@ -405,7 +422,7 @@ class Worker:
         try:
             size = await snapshots.upload(
                 self.snapshots, owned.partition, shard.store.path, seq,
-                lambda target: shard.store.env.copy(target, compact=True))
+                shard.store.copy_to)
         except Exception as exc:  # the next round tries again; the changelog has it all
             log.warning("partition %d: snapshot failed: %s", owned.partition, exc)
             return
@@ -547,6 +564,7 @@ class Worker:
         metrics.events.labels("accepted").inc(prepared.applied)
         metrics.events.labels("duplicate").inc(prepared.duplicates)
         metrics.events.labels("rejected").inc(prepared.rejected)
+        metrics.events.labels("unknown_item").inc(prepared.unknown_items)
 
     # -- upkeep ------------------------------------------------------------------------
 
@@ -579,9 +597,7 @@ def _owner(lease: KeyValue.Entry) -> str:
 
 
 def _entry(msg: Msg) -> ChangelogEntry:
-    headers = msg.headers or {}
-    return ChangelogEntry(msg.metadata.sequence.stream, int(headers.get(EPOCH, 0)),
-                          int(headers.get(POSITION, 0)), msg.data)
+    return ChangelogEntry(msg.metadata.sequence.stream, *commit_stand(msg), msg.data)
 
 
 def main(argv: list[str] | None = None) -> int:

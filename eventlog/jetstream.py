@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import nats
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 
@@ -65,6 +66,13 @@ async def close(client: Client, timeout: float = 5.0) -> None:
     except Exception as exc:
         log.warning("closing the NATS connection without draining it: %s", exc or "timeout")
         await client.close()
+
+
+def commit_stand(msg: Msg) -> tuple[int, int]:
+    """(epoch, position) a changelog message commits: its owner's fencing epoch and the
+    last events-stream sequence it includes."""
+    headers = msg.headers or {}
+    return int(headers.get(EPOCH, 0)), int(headers.get(POSITION, 0))
 
 
 def is_wrong_last_sequence(exc: BaseException) -> bool:

@@ -62,21 +62,25 @@ async def seed(store: UserStore, config: LogConfig) -> dict[str, int]:
         for p, (payloads, users) in chunks(store, config).items():
             subject = config.shard_subject(p)
             last = await last_sequence(js, config.shards_stream, subject)
-            try:
-                if last:
-                    raise RuntimeError("the partition has a changelog")
-                for payload in payloads:
+            if last:
+                result["partitions_skipped"] += 1  # claimed (or seeded) before
+                continue
+            for n, payload in enumerate(payloads):
+                try:
                     ack = await js.publish(subject, payload, headers={
                         "Nats-Expected-Last-Subject-Sequence": str(last), KIND: "seed",
                         EPOCH: "0", POSITION: "0", OWNER: "seed"})
-                    last = int(ack.seq)
-            except Exception as exc:
-                if not (last or is_wrong_last_sequence(exc)):
-                    raise
-                result["partitions_skipped"] += 1  # claimed by a worker before (or meanwhile)
+                except Exception as exc:
+                    if n == 0 and is_wrong_last_sequence(exc):
+                        break  # a worker claimed it meanwhile: it starts without them
+                    raise RuntimeError(f"partition {p} is seeded with {n} of its "
+                                       f"{len(payloads)} chunks: {exc}") from exc
+                last = int(ack.seq)
+            else:
+                result["partitions_seeded"] += 1
+                result["users"] += users
                 continue
-            result["partitions_seeded"] += 1
-            result["users"] += users
+            result["partitions_skipped"] += 1
     finally:
         await client.close()
     return result

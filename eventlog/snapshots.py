@@ -8,8 +8,9 @@ object's description. A new owner (or a ranking replica starting empty) download
 snapshot when it is ahead of what it has, then replays only the changelog after it.
 
 Any owner's shard only ever holds commits that are in the changelog (the LMDB commit
-follows the changelog's ack), so every snapshot is the state at some changelog prefix:
-even a fenced owner's late upload is a correct, if older, starting point.
+follows the changelog's ack), so every snapshot is the state at some changelog prefix
+(less the dedupe entries its owner has pruned, past the retention, locally): even a
+fenced owner's late upload is a correct, if older, starting point.
 """
 
 from __future__ import annotations
@@ -56,11 +57,17 @@ async def upload(store: ObjectStore, partition: int, env_path: Path, changelog_s
         return 0
     with tempfile.TemporaryDirectory(dir=env_path.parent) as tmp:
         await asyncio.to_thread(copy, tmp)
-        data = (Path(tmp) / "data.mdb").read_bytes()
+        data = await asyncio.to_thread((Path(tmp) / "data.mdb").read_bytes)
     meta = api.ObjectMeta(name=f"p{partition}",
                           description=json.dumps({"changelog_seq": changelog_seq}))
     await asyncio.wait_for(store.put(f"p{partition}", data, meta=meta), TRANSFER_TIMEOUT_S)
     return len(data)
+
+
+def _replace(incoming: Path, env_path: Path) -> None:
+    shutil.rmtree(env_path, ignore_errors=True)
+    incoming.rename(env_path)
+    fsync_dir(env_path.parent)
 
 
 async def download(store: ObjectStore, partition: int, env_path: Path,
@@ -69,17 +76,15 @@ async def download(store: ObjectStore, partition: int, env_path: Path,
     closed); the changelog sequence it includes. TimeoutError (nothing replaced) if the
     transfer stalls, e.g. across a leader change: the caller tries again."""
     incoming = env_path.with_name(env_path.name + ".incoming")
-    shutil.rmtree(incoming, ignore_errors=True)
+    await asyncio.to_thread(shutil.rmtree, incoming, True)
     incoming.mkdir(parents=True)
-    with open(incoming / "data.mdb", "wb") as out:
+    with open(incoming / "data.mdb", "wb") as out:  # written in the loop's executor
         result = await asyncio.wait_for(  # the object store checks the sha256
             store.get(f"p{partition}", writeinto=out), timeout)
         out.flush()
-        os.fsync(out.fileno())
+        await asyncio.to_thread(os.fsync, out.fileno())
     assert result.info is not None
     seq = int(json.loads(result.info.description or "{}").get("changelog_seq", 0))
-    shutil.rmtree(env_path, ignore_errors=True)
-    incoming.rename(env_path)
-    fsync_dir(env_path.parent)
+    await asyncio.to_thread(_replace, incoming, env_path)
     log.info("partition %d: restored the snapshot at changelog %d", partition, seq)
     return seq

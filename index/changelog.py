@@ -5,7 +5,8 @@ changelog subject (`eventlog`): the writes `apply_group` made in that txn, recor
 `RecordingWriter`. Replaying the messages in order through a `StoreWriter` rebuilds the
 shard (a new owner with an empty data dir) or a ranking replica's copy of it. Each write
 is absolute or applied once (a replayer records the changelog position it reached in the
-same txn), so replay gives the same bytes as the original commits.
+same txn), so replay gives the same bytes as the original commits (the owner's pruning
+of old dedupe entries is its own, never in the changelog).
 
 Encoding (little-endian): per op a tag byte, then its fields; strings and byte strings as
 a u32 length and the bytes, floats as f64, ints as u64.

@@ -217,13 +217,15 @@ class UserStore:
 
     def item_counts(self, now: float) -> dict[str, float]:
         """Every item's play count, decayed to `now` with the store's half-life."""
+        half_life = self.item_half_life()
+        return {item: _decay_count(count, then, now, half_life)
+                for item, (count, then) in self.item_count_entries().items()}
+
+    def item_count_entries(self) -> dict[str, tuple[float, float]]:
+        """Every item's stored count and the time it is as of (not decayed)."""
         with self._read() as txn:
-            half_life = _half_life(txn, self.dbs["meta"])
-            counts = {}
-            for key, value in txn.cursor(db=self.dbs["item_counts"]):
-                count, then = _COUNT.unpack(value)
-                counts[bytes(key).decode("utf-8")] = _decay_count(count, then, now, half_life)
-            return counts
+            return {bytes(key).decode("utf-8"): _COUNT.unpack(value)
+                    for key, value in txn.cursor(db=self.dbs["item_counts"])}
 
     def item_half_life(self) -> float:
         """Seconds it takes an item's play count to halve."""
@@ -251,6 +253,12 @@ class UserStore:
         """Number of entries in a named DB."""
         with self._read() as txn:
             return int(txn.stat(self.dbs[db])["entries"])
+
+    def copy_to(self, target: str) -> None:
+        """A compacted, consistent copy of the env into the directory `target` (a read
+        txn: writes go on; never beside a map resize)."""
+        with self._lock.shared():
+            self.env.copy(target, compact=True)
 
     def transact(self, work: Callable[[StoreWriter], T]) -> T:
         """Run `work` in one write txn and commit it; on map full, grow the map and rerun.

@@ -26,8 +26,8 @@ from nats.js import api
 
 from eventlog import snapshots
 from eventlog.config import LogConfig
-from eventlog.jetstream import POSITION, Loop, close, connect, ensure_log
-from index.changelog import CHANGELOG_KEY, POSITION_KEY, replay
+from eventlog.jetstream import Loop, close, commit_stand, connect, ensure_log
+from index.changelog import CHANGELOG_KEY, POSITION_KEY, ChangelogError, replay
 from index.store import HALF_LIFE_KEY, StoreWriter, UserStore
 
 log = logging.getLogger("freshrec.replica")
@@ -81,6 +81,8 @@ class Replica:
         may have aged out of the log), then follows the changelog after each."""
         bucket = await snapshots.bucket(self.js, self.config)
         for p in range(self.config.partitions):
+            if self.store.get_meta(changelog_key(p)) is not None:
+                continue  # adopted before a restart: its counts must not add up twice
             if not await snapshots.latest(bucket, p):
                 continue
             with tempfile.TemporaryDirectory(dir=self.store.path.parent) as tmp:
@@ -98,9 +100,8 @@ class Replica:
             with shard.env.begin(buffers=True) as txn:
                 for key, value in txn.cursor(db=shard.dbs["users"]):
                     writer.txn.put(bytes(key), bytes(value), db=writer.dbs["users"])
-            now = time.time()
-            for item, count in shard.item_counts(now).items():  # sums: add them up
-                writer.add_item_count(item, count, now)
+            for item, (count, at) in shard.item_count_entries().items():  # sums: add up
+                writer.add_item_count(item, count, at)
             for mine, theirs in ((position_key(partition), POSITION_KEY),
                                  (changelog_key(partition), CHANGELOG_KEY)):
                 writer.put_meta(mine, shard.get_meta(theirs) or "0")
@@ -127,11 +128,17 @@ class Replica:
             batch, self._pending = self._pending[:self.batch], self._pending[self.batch:]
             if not self._pending:
                 self._arrived.clear()
-            try:
-                await loop.run_in_executor(self._thread, self._apply, batch)
-            except Exception as exc:  # a bad message is never skipped: stop following
-                log.error("replica stopped at a changelog message it cannot apply: %s", exc)
-                return
+            while True:
+                try:
+                    await loop.run_in_executor(self._thread, self._apply, batch)
+                    break
+                except (ChangelogError, ValueError) as exc:  # never skipped: stop here
+                    log.error("replica stopped at a changelog message it cannot apply: "
+                              "%s", exc)
+                    return
+                except Exception as exc:  # the disk (full, failing): try again
+                    log.error("replica could not store the changelog: %s; retrying", exc)
+                    await asyncio.sleep(1.0)
 
     def _apply(self, msgs: list[Msg]) -> None:
         done = dict(self._changelog)
@@ -168,8 +175,7 @@ class Replica:
 
 def _entries(msgs: list[Msg]) -> Iterator[tuple[Msg, int, int]]:
     for msg in msgs:
-        yield (msg, LogConfig.partition_of_subject(msg.subject),
-               int((msg.headers or {}).get(POSITION, 0)))
+        yield msg, LogConfig.partition_of_subject(msg.subject), commit_stand(msg)[1]
 
 
 def wait_for(store: UserStore, config: LogConfig, user_id: str, sequence: int,

@@ -31,7 +31,7 @@ from index.catalog import CatalogSnapshot
 from index.changelog import POSITION_KEY
 from index.follower import SnapshotFollower
 from index.store import UserStore
-from ranking_service.replica import Replica, position_key
+from ranking_service.replica import FOLLOWED_KEY, Replica, position_key
 from recsys.v1 import events_pb2, events_pb2_grpc, ranking_pb2, ranking_pb2_grpc
 from tests.integration.conftest import playback, status_of
 
@@ -137,14 +137,23 @@ def test_a_new_owner_and_a_new_replica_start_from_the_snapshot_then_replay_the_r
     assert snapped > 0 and from_snapshot == snapped  # started at the snapshot ...
     assert shard.position == 20 and shard.store.count("seen") == 20  # ... and replayed the rest
     with UserStore(tmp_path / "replica") as store:
-        replica = Replica(log, store)
-        replica.start()
-        deadline = time.monotonic() + 10
-        while int(store.get_meta(position_key(0)) or 0) < 20 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        replica.stop(5)
-        users = _users(shard.store)
-        assert users and all(store.get_user(u).encode() == raw for u, raw in users.items())
+        for restart in (False, True):
+            if restart:  # as if killed in its bootstrap: it must not add the counts twice
+                store.transact(lambda w: w.txn.delete(FOLLOWED_KEY.encode(),
+                                                      db=w.dbs["meta"]))
+            replica = Replica(log, store)
+            replica.start()
+            deadline = time.monotonic() + 10
+            while int(store.get_meta(position_key(0)) or 0) < 20 and \
+                    time.monotonic() < deadline:
+                time.sleep(0.05)
+            replica.stop(5)
+            users = _users(shard.store)
+            assert users and all(store.get_user(u).encode() == raw for u, raw in users.items())
+            now = time.time()
+            theirs, mine = shard.store.item_counts(now), store.item_counts(now)
+            assert theirs.keys() == mine.keys()
+            assert all(abs(mine[i] - c) <= 1e-9 * c for i, c in theirs.items()), restart
 
 
 def test_seeded_batch_users_are_restored_into_the_shard_of_their_partition(
