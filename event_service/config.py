@@ -6,6 +6,8 @@ Defaults come from the domain objects they configure (`Limits`, `EventWeights`,
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass, field
 
 from event_service.writer import WriterConfig
@@ -77,3 +79,37 @@ class Settings(ServerSettings):
             group_window_s=self.group_window_ms / 1000, item_half_life_s=self.item_half_life_s,
             dedupe_retention_s=self.dedupe_retention_s, snapshot_poll_s=self.snapshot_poll_s,
             refold_per_s=self.refold_per_s, stats_cache_bytes=self.stats_cache_mb << 20)
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerSettings(Settings):
+    """The event service's settings, plus who this worker is and how long a lease lasts."""
+
+    worker_id: str = field(default="", metadata={
+        "help": "unique name of this worker (default: host-pid)"})
+    lease_s: float = field(default=3.0, metadata={
+        "help": "a partition whose owner has not renewed it for this long is taken over"})
+    inbox_max_events: int = 20_000  # read ahead of the shard thread, per partition
+    snapshot_every_s: float = field(default=300.0, metadata={
+        "help": "copy each owned shard to the log's object store this often (a takeover "
+                "then replays only the changelog after the latest copy)"})
+    crash_after_commits: int = field(default=0, metadata={
+        "help": "fault injection (tests): kill -9 this process after publishing this many "
+                "changelog messages, before the last one's LMDB commit (0 = never)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.log_urls:
+            raise ValueError("a worker needs --log-urls")
+        if not self.worker_id:
+            object.__setattr__(self, "worker_id", f"{socket.gethostname()}-{os.getpid()}")
+        if not self.lease_s > 0:
+            raise ValueError(f"lease_s must be > 0, got {self.lease_s}")
+        if self.dedupe_retention_s < self.log_retention_s:
+            raise ValueError("dedupe_retention_s must cover the log's retention "
+                             f"({self.log_retention_s} s): an event can be read again "
+                             "from anywhere in it")
+        if not 0 < self.snapshot_every_s < self.log_retention_s / 2:
+            raise ValueError("snapshot_every_s must be > 0 and well inside the log's "
+                             f"retention ({self.log_retention_s} s): the changelog before "
+                             "a snapshot ages out")

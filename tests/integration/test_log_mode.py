@@ -15,12 +15,14 @@ from pathlib import Path
 
 import grpc
 import pytest
+from nats.aio.client import Client
 
 from bench.cluster import Plan, run
 from bench.services import start_process, stop
+from event_service.config import WorkerSettings
 from event_service.metrics import WorkerMetrics
+from event_service.partition import Fenced, Owned, PartitionServer
 from event_service.shard import LogMessage, Shard
-from event_service.worker import Fenced, Owned, Worker, WorkerSettings
 from eventlog import snapshots
 from eventlog.cluster import Cluster, free_port
 from eventlog.config import LogConfig
@@ -59,14 +61,23 @@ def _log_args(log: LogConfig) -> list[str]:
             log.prefix]
 
 
-def _worker(tmp_path: Path, data_dir: Path, log: LogConfig, name: str) -> Worker:
+def _server(tmp_path: Path, data_dir: Path, log: LogConfig, name: str) -> PartitionServer:
+    """What a worker named `name` serves its partitions with (its own data dir)."""
     settings = WorkerSettings(data_dir=_host(tmp_path, data_dir, name), worker_id=name,
                               log_urls=log.urls, log_partitions=log.partitions,
                               log_replicas=1, log_prefix=log.prefix)
     root = snapshots_dir(settings.data_dir)
     catalogs = SnapshotFollower(root, lambda v: CatalogSnapshot.load(root, v, with_index=False),
                                 lambda c: c.model_version)
-    return Worker(settings, catalogs, WorkerMetrics())
+    return PartitionServer(settings, catalogs, WorkerMetrics())
+
+
+async def _attach(server: PartitionServer, log: LogConfig) -> Client:
+    """Connect a partition server to the log; the connection, to close."""
+    client, js = await connect(log, server.id)
+    await ensure_log(js, log)
+    server.attach(js, await snapshots.bucket(js, log))
+    return client
 
 
 def _users(store: UserStore) -> dict[str, bytes]:
@@ -86,21 +97,19 @@ def test_an_old_owner_cannot_commit_after_a_new_owner_has_fenced_the_partition(
     log = LogConfig(urls=nats_node.urls, partitions=4, replicas=1, prefix="fence")
 
     async def scenario() -> tuple[int, int, int]:
-        old, new = (_worker(tmp_path, data_dir, log, n) for n in ("old", "new"))
-        for worker in (old, new):
-            worker.client, worker.js = await connect(log, worker.id)
-            await ensure_log(worker.js, log)
+        old, new = (_server(tmp_path, data_dir, log, n) for n in ("old", "new"))
+        clients = [await _attach(server, log) for server in (old, new)]
         mine = Owned(0, epoch=1, revision=0)
         mine.shard = Shard(0, tmp_path / "old" / "p0", 1 << 24, 1 << 30)
-        await old._fence(mine)
-        await old._commit(mine, _messages(log, 1, 10))
+        await old.fence(mine)
+        await old.commit(mine, _messages(log, 1, 10))
         theirs = Owned(0, epoch=2, revision=0)
         theirs.shard = Shard(0, tmp_path / "new" / "p0", 1 << 24, 1 << 30)
-        await new._fence(theirs)  # restores the old owner's commit from the changelog first
+        await new.fence(theirs)  # restores the old owner's commit from the changelog first
         with pytest.raises(Fenced):
-            await old._commit(mine, _messages(log, 11, 10))
-        for worker in (old, new):
-            await worker.client.close()
+            await old.commit(mine, _messages(log, 11, 10))
+        for client in clients:
+            await client.close()
         return mine.shard.position, theirs.shard.position, theirs.shard.store.count("seen")
 
     old_position, new_position, new_seen = asyncio.run(scenario())
@@ -113,24 +122,21 @@ def test_a_new_owner_and_a_new_replica_start_from_the_snapshot_then_replay_the_r
     log = LogConfig(urls=nats_node.urls, partitions=4, replicas=1, prefix="snap")
 
     async def scenario() -> tuple[int, int, Shard]:
-        old, new = (_worker(tmp_path, data_dir, log, n) for n in ("old", "new"))
-        for worker in (old, new):
-            worker.client, worker.js = await connect(log, worker.id)
-            await ensure_log(worker.js, log)
-            worker.snapshots = await snapshots.bucket(worker.js, log)
+        old, new = (_server(tmp_path, data_dir, log, n) for n in ("old", "new"))
+        clients = [await _attach(server, log) for server in (old, new)]
         mine = Owned(0, epoch=1, revision=0)
-        mine.shard = await old._open(mine, tmp_path / "old" / "p0")
-        await old._fence(mine)
-        await old._commit(mine, _messages(log, 1, 10))
-        await old._snapshot(mine)
+        mine.shard = await old.open(mine, tmp_path / "old" / "p0")
+        await old.fence(mine)
+        await old.commit(mine, _messages(log, 1, 10))
+        await old.snapshot(mine)
         snapped = mine.snapshot_seq
-        await old._commit(mine, _messages(log, 11, 10))
+        await old.commit(mine, _messages(log, 11, 10))
         theirs = Owned(0, epoch=2, revision=0)
-        theirs.shard = await new._open(theirs, tmp_path / "new" / "p0")  # an empty data dir
+        theirs.shard = await new.open(theirs, tmp_path / "new" / "p0")  # an empty data dir
         from_snapshot = theirs.shard.changelog_seq
-        await new._fence(theirs)
-        for worker in (old, new):
-            await worker.client.close()
+        await new.fence(theirs)
+        for client in clients:
+            await client.close()
         return snapped, from_snapshot, theirs.shard
 
     snapped, from_snapshot, shard = asyncio.run(scenario())
@@ -163,14 +169,14 @@ def test_seeded_batch_users_are_restored_into_the_shard_of_their_partition(
         assert asyncio.run(seed(batch, log))["partitions_seeded"] == 4
         again = asyncio.run(seed(batch, log))  # a log that has a changelog is left alone
         assert (again["partitions_seeded"], again["partitions_skipped"]) == (0, 4)
-        worker = _worker(tmp_path, data_dir, log, "w")
+        server = _server(tmp_path, data_dir, log, "w")
 
         async def restore() -> Shard:
-            worker.client, worker.js = await connect(log, worker.id)
+            client = await _attach(server, log)
             owned = Owned(2, epoch=1, revision=0)
             owned.shard = Shard(2, tmp_path / "w" / "p2", 1 << 24, 1 << 30)
-            await worker._fence(owned)
-            await worker.client.close()
+            await server.fence(owned)
+            await client.close()
             return owned.shard
 
         shard = asyncio.run(restore())
