@@ -17,7 +17,7 @@ import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
-from nats.js.errors import APIError, BadRequestError, NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from eventlog.config import LogConfig
 
@@ -27,6 +27,10 @@ WRONG_LAST_SEQUENCE = (10071, 10164)  # JetStream's error codes for a failed com
 MAX_PAYLOAD = 8 << 20  # the cluster's max_payload (eventlog.cluster); a commit stays under it
 KIND, EPOCH, POSITION, OWNER = ("Freshrec-Kind", "Freshrec-Epoch", "Freshrec-Position",
                                 "Freshrec-Owner")
+
+
+class LogLayoutError(ValueError):
+    """The log exists with another layout (partition count): never retried."""
 
 
 class Loop:
@@ -89,7 +93,8 @@ async def ensure_log(js: JetStreamContext, config: LogConfig, timeout: float = 6
             await _ensure(js, config)
             return
         except (APIError, nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
-            if isinstance(exc, BadRequestError) or time.monotonic() > deadline:
+            # e.g. "no suitable peers for placement" while the cluster is still forming
+            if time.monotonic() > deadline:
                 raise
             log.info("waiting for JetStream (%s)", exc)
             await asyncio.sleep(0.5)
@@ -114,8 +119,8 @@ async def _ensure(js: JetStreamContext, config: LogConfig) -> None:
             await js.add_stream(stream)
             continue
         if info.config.description != layout:
-            raise BadRequestError(description=f"stream {name} was created as "
-                                  f"{info.config.description!r}, not {layout!r}")
+            raise LogLayoutError(f"stream {name} was created as "
+                                 f"{info.config.description!r}, not {layout!r}")
     for bucket in (config.owners_bucket, config.members_bucket):
         try:
             await js.key_value(bucket)

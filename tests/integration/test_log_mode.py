@@ -26,7 +26,7 @@ from event_service.shard import LogMessage, Shard
 from eventlog import snapshots
 from eventlog.cluster import Cluster, free_port
 from eventlog.config import LogConfig
-from eventlog.jetstream import connect, ensure_log
+from eventlog.jetstream import LogLayoutError, connect, ensure_log
 from eventlog.seed import seed
 from index import snapshots_dir, users_dir
 from index.catalog import CatalogSnapshot
@@ -90,6 +90,22 @@ def _messages(log: LogConfig, first: int, n: int, partition: int = 0) -> list[Lo
     users = [u for u in (f"u{i}" for i in range(1000)) if log.partition(u) == partition]
     return [LogMessage(first + i, playback(f"e{first + i}", users[i % 5], "i1")
                        .SerializeToString()) for i in range(n)]
+
+
+def test_a_log_created_with_another_partition_count_is_refused(nats_node: Cluster) -> None:
+    async def create(partitions: int) -> None:
+        log = LogConfig(urls=nats_node.urls, partitions=partitions, replicas=1,
+                        prefix="layout")
+        client, js = await connect(log, "layout")
+        try:
+            await ensure_log(js, log, timeout=5)
+        finally:
+            await client.close()
+
+    asyncio.run(create(4))
+    asyncio.run(create(4))  # the same layout again: fine
+    with pytest.raises(LogLayoutError, match="partitions=4"):
+        asyncio.run(create(8))
 
 
 def test_an_old_owner_cannot_commit_after_a_new_owner_has_fenced_the_partition(
