@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -40,26 +42,23 @@ class WorkerMetrics(EventMetrics):
 
     def __init__(self) -> None:
         super().__init__()
-        labels, registry = ["partition"], self.registry
-        self.owned = Gauge("freshrec_partition_owned", "1 while this worker owns the partition",
-                           labels, registry=registry)
-        self.epoch = Gauge("freshrec_partition_epoch", "Fencing epoch this worker holds",
-                           labels, registry=registry)
-        self.position = Gauge("freshrec_partition_position",
-                              "Last event stream sequence committed in the shard", labels,
-                              registry=registry)
-        self.lag = Gauge("freshrec_partition_lag",
-                         "Events stream last sequence of the partition - committed", labels,
-                         registry=registry)
-        self.handovers = Counter("freshrec_partition_handovers_total",
-                                 "Partitions this worker took over (claims fenced in)", labels,
-                                 registry=registry)
-        self.fenced = Counter("freshrec_partition_fenced_total",
-                              "Commits refused because a newer owner fenced the shard", labels,
-                              registry=registry)
-        self.snapshot_seq = Gauge("freshrec_partition_snapshot_changelog_seq",
-                                  "Changelog sequence of the shard's latest snapshot", labels,
-                                  registry=registry)
+        def per_partition(kind: type[Gauge] | type[Counter], name: str, text: str) -> Any:
+            return kind(f"freshrec_partition_{name}", text, ["partition"],
+                        registry=self.registry)
+
+        self.owned = per_partition(Gauge, "owned", "1 while this worker owns the partition")
+        self.epoch = per_partition(Gauge, "epoch", "Fencing epoch this worker holds")
+        self.position = per_partition(Gauge, "position",
+                                      "Last event stream sequence committed in the shard")
+        self.lag = per_partition(Gauge, "lag",
+                                 "Events stream last sequence of the partition - committed")
+        self.handovers = per_partition(Counter, "handovers_total",
+                                       "Partitions this worker took over (claims fenced in)")
+        self.fenced = per_partition(Counter, "fenced_total",
+                                    "Commits refused because a newer owner fenced the shard")
+        self.snapshot_seq = per_partition(Gauge, "snapshot_changelog_seq",
+                                          "Changelog sequence of the shard's latest snapshot")
         self.takeover_seconds = Histogram(
             "freshrec_partition_takeover_seconds", "From claim to live: changelog restore and "
-            "fence", buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30), registry=registry)
+            "fence", buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry)
