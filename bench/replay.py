@@ -16,7 +16,11 @@ Rules (each ranks item rows; a user with nothing to go on gets the popularity or
 * `AverageVector` — Qdrant's recommend with the `average_vector` strategy over the user's
   last 20 positives (ALS item factors, dot product); positives are all plays, or plays
   with at least `min_weight`;
-* `Popularity` — training interactions per item.
+* `Popularity` — training interactions per item;
+* `Neighbours` — ours: the co-visitation neighbours of the user's recent plays
+  (`index.neighbours`, built from the training log), weighted by recency;
+* `Blended` — ours, as the ranking service serves it: `DecayedFoldIn`'s scores and
+  `Neighbours`' put on one scale and mixed (`index.neighbours.blend`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from index.model import AlsParams, confidence_matrix, train_als
+from index.neighbours import NeighbourParams, blend, candidates, co_visitation, recent_plays
+from index.neighbours import Neighbours as NeighbourTable
 from index.tables import Interactions
 
 K = 10
@@ -186,6 +192,58 @@ class AverageVector:
             return None
         query = self.factors[[p[0] for p in positive[-self.last:]]].mean(axis=0)
         return np.asarray(self.factors @ query)
+
+
+def build_neighbours(split: Split, params: NeighbourParams) -> NeighbourTable:
+    """The neighbours the batch build would compute from the split's training part."""
+    _, codes = np.unique(split.train.user_ids.astype(str), return_inverse=True)
+    return co_visitation(codes, split.train_rows, split.train.timestamps, split.n_items,
+                         params)
+
+
+class Neighbours:
+    """Ours: the neighbours of the user's latest `recent` plays, weighted by recency."""
+
+    def __init__(self, table: NeighbourTable, recent: int, half_life_plays: float) -> None:
+        self.table, self.recent, self.half_life_plays = table, recent, half_life_plays
+
+    def scores(self, plays: list[Play]) -> np.ndarray | None:
+        if not plays:
+            return None
+        rows, last_at = _latest(plays)
+        played, weights = recent_plays(rows, last_at, self.recent, self.half_life_plays)
+        found = candidates(self.table, played, weights)
+        dense = np.zeros(self.table.rows.shape[0])
+        dense[found.rows] = found.scores
+        return dense
+
+
+class Blended:
+    """Ours, as served: the fold-in's and the neighbours' scores blended with `weight`."""
+
+    def __init__(self, vector: DecayedFoldIn, neighbours: Neighbours, weight: float) -> None:
+        self.vector, self.neighbours, self.weight = vector, neighbours, weight
+
+    def scores(self, plays: list[Play]) -> np.ndarray | None:
+        if not plays:
+            return None
+        v, n = self.vector.scores(plays), self.neighbours.scores(plays)
+        assert v is not None and n is not None
+        unwatched = np.ones(len(v), bool)
+        unwatched[[p[0] for p in plays]] = False  # on one scale over the candidates
+        mixed = np.full(len(v), -np.inf)
+        mixed[unwatched] = blend(v[unwatched], n[unwatched], self.weight)[0]
+        return mixed
+
+
+def _latest(plays: list[Play]) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct rows played and the time of each one's latest play."""
+    rows = np.array([p[0] for p in plays])
+    times = np.array([p[2] for p in plays])
+    items, inverse = np.unique(rows, return_inverse=True)
+    last = np.full(len(items), -np.inf)
+    np.maximum.at(last, inverse, times)
+    return items, last
 
 
 def replay(split: Split, rules: dict[str, Rule]) -> dict[str, dict[str, dict[str, float]]]:

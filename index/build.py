@@ -13,6 +13,7 @@ import numpy as np
 from index import snapshots_dir, users_dir
 from index.catalog import CatalogSnapshot
 from index.model import AlsParams, History, confidence_matrix, train_als
+from index.neighbours import NeighbourParams, co_visitation
 from index.snapshot import IndexSpec, write_snapshot
 from index.store import USERS_MODEL_KEY, StoreWriter, UserStore
 from index.tables import Dataset, DatasetError, Interactions
@@ -20,6 +21,7 @@ from index.user_record import MAX_HISTORY, UserRecord
 
 Log = Callable[[str], None]
 _BOOTSTRAP_CHUNK = 20_000
+DEFAULT_NEIGHBOURS = NeighbourParams()
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,8 @@ def default_version(name: str) -> str:
 
 def build(dataset: Dataset, data_dir: Path, als: AlsParams, *, index: str = "flat",
           version: str | None = None, threads: int = 0,
-          max_history: int = MAX_HISTORY, log: Log = print) -> BuildReport:
+          max_history: int = MAX_HISTORY, log: Log = print,
+          neighbours: NeighbourParams | None = DEFAULT_NEIGHBOURS) -> BuildReport:
     """Train, write the snapshot (made CURRENT) and bootstrap users into an empty store."""
     timings: dict[str, float] = {}
     clock = time.perf_counter()
@@ -63,12 +66,17 @@ def build(dataset: Dataset, data_dir: Path, als: AlsParams, *, index: str = "fla
                                (len(users), len(dataset.items)), als.alpha)
     _, item_factors = train_als(matrix, als, threads)
     stage("train")
+    table = None
+    if neighbours is not None:
+        table = co_visitation(user_codes, item_rows, inter.timestamps, len(dataset.items),
+                              neighbours)
+        stage("neighbours")
     spec = IndexSpec.preset(index, len(dataset.items), als.factors)
     log(f"writing snapshot with index {spec.factory}")
     popularity = np.bincount(item_rows, minlength=len(dataset.items)).astype(np.float32)
     version = version or default_version(dataset.name)
     path = write_snapshot(snapshots_dir(data_dir), version, item_factors, dataset.items,
-                          popularity, spec, als)
+                          popularity, spec, als, neighbours=table)
     stage("snapshot")
     catalog = CatalogSnapshot.load(snapshots_dir(data_dir), version)
     with UserStore(users_dir(data_dir)) as store:

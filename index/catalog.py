@@ -11,13 +11,14 @@ import faiss
 import numpy as np
 
 from index.model import FoldIn, History
+from index.neighbours import Neighbours
 from index.snapshot import (
-    DATA_FILES,
     FACTORS_FILE,
     IDS_FILE,
     INDEX_FILE,
     ITEMS_FILE,
     MANIFEST,
+    NEIGHBOURS_FILE,
     TITLES_FILE,
     VERSION_PATTERN,
     Manifest,
@@ -39,7 +40,8 @@ class CatalogSnapshot:
 
     def __init__(self, path: Path, manifest: Manifest, factors: np.ndarray,
                  index: faiss.Index | None,
-                 item_ids: list[str], titles: list[str], columns: dict[str, np.ndarray]) -> None:
+                 item_ids: list[str], titles: list[str], columns: dict[str, np.ndarray],
+                 neighbours: Neighbours | None = None) -> None:
         self.path = path
         self.manifest = manifest
         self.item_factors = factors
@@ -49,6 +51,7 @@ class CatalogSnapshot:
         self.years: np.ndarray = columns["years"]
         self.popularity: np.ndarray = columns["popularity"]
         self.genre_mask: np.ndarray = columns["genre_mask"]
+        self.neighbours = neighbours  # None for a snapshot built without them
         self.item_index = {item_id: row for row, item_id in enumerate(item_ids)}
         self.loaded_at = time.time()
         self._search_spec = dict(manifest.search)
@@ -126,7 +129,7 @@ class CatalogSnapshot:
         if manifest.model_version != version:
             raise SnapshotError(f"{path / MANIFEST}: model_version {manifest.model_version!r} "
                                 f"does not match directory {version!r}")
-        for name in DATA_FILES:
+        for name in manifest.files:
             _check_file(path / name, manifest.files[name], verify and
                         (with_index or name != INDEX_FILE), root)
         factors = _load_factors(path / FACTORS_FILE, manifest, mmap)
@@ -135,8 +138,10 @@ class CatalogSnapshot:
         item_ids = _load_lines(path / IDS_FILE, manifest)
         if len(set(item_ids)) != len(item_ids):
             raise SnapshotError(f"{path / IDS_FILE}: item ids are not unique")
+        neighbours = _load_neighbours(path / NEIGHBOURS_FILE, manifest) \
+            if NEIGHBOURS_FILE in manifest.files else None
         return cls(path, manifest, factors, index, item_ids,
-                   _load_lines(path / TITLES_FILE, manifest), columns)
+                   _load_lines(path / TITLES_FILE, manifest), columns, neighbours)
 
 
 def _read_manifest(path: Path) -> Manifest:
@@ -214,6 +219,21 @@ def _load_columns(file: Path, manifest: Manifest) -> dict[str, np.ndarray]:
             raise SnapshotError(f"{file}: column {name} is {values.dtype} {values.shape}, "
                                 f"expected {COLUMNS[name]} ({manifest.item_count},)")
     return columns
+
+
+def _load_neighbours(file: Path, manifest: Manifest) -> Neighbours:
+    try:
+        with np.load(file, allow_pickle=False) as npz:
+            neighbours = Neighbours(npz["rows"], npz["scores"], dict(manifest.neighbours))
+    except Exception as exc:  # bad zip, truncated member, missing array...
+        raise SnapshotError(f"{file}: unreadable neighbours: {exc!r}") from exc
+    problem = neighbours.check(manifest.item_count)
+    if problem is None and neighbours.rows.shape[1] != manifest.neighbours.get("k"):
+        problem = f"{neighbours.rows.shape[1]} neighbours per item, manifest says " \
+                  f"{manifest.neighbours.get('k')}"
+    if problem is not None:
+        raise SnapshotError(f"{file}: {problem}")
+    return neighbours
 
 
 def _load_lines(file: Path, manifest: Manifest) -> list[str]:

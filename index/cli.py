@@ -16,6 +16,7 @@ from index.catalog import CatalogSnapshot
 from index.datasets import KNOWN_DATASETS, load, load_csv
 from index.errors import FreshrecError
 from index.model import AlsParams
+from index.neighbours import NeighbourParams
 from index.store import UserStore
 from index.tables import DatasetError
 from index.user_record import MAX_HISTORY
@@ -48,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="decay of a play's weight in the fold-in, by its age (0 = none)")
     b.add_argument("--index", default="flat",
                    help="flat | hnsw | ivfpq | any FAISS factory string (default flat)")
+    nb = NeighbourParams()
+    b.add_argument("--neighbours-k", type=int, default=nb.k,
+                   help="co-visitation neighbours kept per item (0 = build none)")
+    b.add_argument("--neighbour-window", type=int, default=nb.window,
+                   help="count two plays of a user as co-visited only if at most this many "
+                        "other plays lie between them (0 = anywhere in the history)")
     b.add_argument("--version", help="model version name (default <dataset>-<UTC time>)")
     b.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     b.add_argument("--max-history", type=int, default=MAX_HISTORY)
@@ -76,7 +83,9 @@ def _build(args: argparse.Namespace) -> int:
                     half_life_s=args.half_life_s)
     report = build(dataset, args.data_dir, als, index=args.index, version=args.version,
                    threads=args.threads, max_history=args.max_history,
-                   log=lambda line: print(line, file=sys.stderr))
+                   log=lambda line: print(line, file=sys.stderr),
+                   neighbours=NeighbourParams(k=args.neighbours_k, window=args.neighbour_window)
+                   if args.neighbours_k else None)
     print(json.dumps({"model_version": report.model_version,
                       "snapshot": str(report.snapshot_path),
                       "snapshot_bytes": report.snapshot_bytes, "items": report.item_count,

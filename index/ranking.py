@@ -12,36 +12,45 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 from index.catalog import CatalogSnapshot
 from index.errors import NotFound
-from index.filters import CatalogFilters, ItemFilter, allows_rows, clear, count, unpack
+from index.filters import CatalogFilters, ItemFilter, clear
 from index.follower import SnapshotFollower
 from index.model import History
+from index.neighbours import recent_plays
+from index.retrieval import BLEND, RETRIEVALS, Query, Retriever, Scored
 from index.store import UserStore
 from index.user_record import UserRecord
 
 PERSONALIZED, POPULAR = "personalized", "popular"
-_POPULAR_BLOCK = 4096
 
 
 @dataclass(frozen=True, kw_only=True)
 class RankingConfig:
-    """Tuning of the ranker."""
+    """Tuning of the ranker. The neighbour and blend defaults were chosen on a validation
+    window earlier than `make eval`'s test window (`python -m bench.tune --blend`)."""
 
     brute_force_below: int = 4096  # a filter this narrow is searched exactly
     popularity_blend: float = 0.5  # weight of recent plays against batch popularity
     new_release_years: int = 2
+    retrieval: str = BLEND  # when a request does not say
+    blend_weight: float = 0.5  # of the neighbours' scores against the vector's
+    recent_plays: int = 20  # whose neighbours are candidates
+    recent_half_life_plays: float = 3.0  # recency weight 0.5 ** (position / this)
+    vector_candidates: int = 50  # taken from the ANN search to blend
+    neighbour_candidates: int = 200  # best neighbours taken to blend
 
-
-@dataclass(frozen=True)
-class Scored:
-    """One ranked item: its catalog row and score."""
-
-    row: int
-    score: float
+    def __post_init__(self) -> None:
+        if self.retrieval not in RETRIEVALS:
+            raise ValueError(f"retrieval must be one of {RETRIEVALS}, got {self.retrieval!r}")
+        if not 0.0 <= self.blend_weight <= 1.0:
+            raise ValueError(f"blend_weight must be in [0, 1], got {self.blend_weight}")
+        if min(self.recent_plays, self.vector_candidates, self.neighbour_candidates) < 1 \
+                or self.recent_half_life_plays < 0:
+            raise ValueError("recent_plays and the candidate counts must be >= 1, "
+                             "recent_half_life_plays >= 0")
 
 
 @dataclass(frozen=True)
@@ -127,62 +136,70 @@ class Ranker:
 
     # -- requests ------------------------------------------------------------------------
 
-    def recommend(self, user_id: str, k: int, spec: ItemFilter,
-                  include_watched: bool) -> Ranking:
+    def retriever(self, live: LiveCatalog) -> Retriever:
+        """Retrieval over `live` with this ranker's tuning."""
+        c = self.config
+        return Retriever(live=live, brute_force_below=c.brute_force_below,
+                         blend_weight=c.blend_weight, vector_candidates=c.vector_candidates,
+                         neighbour_candidates=c.neighbour_candidates)
+
+    def recommend(self, user_id: str, k: int, spec: ItemFilter, include_watched: bool,
+                  retrieval: str | None = None) -> Ranking:
         """Top k items for the user, or the popularity fallback (source POPULAR)."""
         live = self.live
         record = self._user(live.catalog, user_id)
-        vector = self._vector(live.catalog, record)
         allowed = live.filters.bitmap(spec)
         if record is not None and not include_watched:
             allowed = self._without(live, allowed, self._watched(record))
         version = record.version if record else 0
-        if vector is None:
-            return Ranking(self._popular(live, k, allowed), POPULAR, version, live.catalog)
-        return Ranking(self._search(live, vector, k, allowed), PERSONALIZED, version,
+        query = self._query(live.catalog, record, retrieval)
+        retrieve = self.retriever(live)
+        if query is None:
+            return Ranking(retrieve.popular(k, allowed), POPULAR, version, live.catalog)
+        return Ranking(retrieve.personal(query, k, allowed), PERSONALIZED, version,
                        live.catalog)
 
-    def similar(self, item_id: str, k: int,
-                spec: ItemFilter) -> tuple[list[Scored], CatalogSnapshot]:
-        """Items nearest to `item_id`'s factor, excluding itself; NotFoundError if unknown."""
+    def similar(self, item_id: str, k: int, spec: ItemFilter,
+                retrieval: str | None = None) -> tuple[list[Scored], CatalogSnapshot]:
+        """Items most like `item_id` (itself excluded); NotFoundError if unknown."""
         live = self.live
         row = live.catalog.item_index.get(item_id)
         if row is None:
             raise NotFound(f"unknown item {item_id!r}")
         allowed = self._without(live, live.filters.bitmap(spec), [row])
-        vector = np.asarray(live.catalog.item_factors[row], np.float32)
-        return self._search(live, vector, k, allowed), live.catalog
+        return self.retriever(live).personal(self._item_query(live.catalog, row, retrieval),
+                                             k, allowed), live.catalog
 
-    def home(self, user_id: str, k: int,
-             spec: ItemFilter) -> tuple[list[Row], int, CatalogSnapshot]:
+    def home(self, user_id: str, k: int, spec: ItemFilter,
+             retrieval: str | None = None) -> tuple[list[Row], int, CatalogSnapshot]:
         """The home page rows, no item repeated across rows."""
         live = self.live
         catalog = live.catalog
         record = self._user(catalog, user_id)
-        vector = self._vector(catalog, record)
+        query = self._query(catalog, record, retrieval)
         shown = self._watched(record) if record else []
         base = live.filters.bitmap(spec)  # each row copies it before clearing shown items
+        retrieve = self.retriever(live)
         rows: list[Row] = []
 
-        def add(row_id: str, title: str, allowed: np.ndarray | None, query: np.ndarray | None,
+        def add(row_id: str, title: str, allowed: np.ndarray | None, of: Query | None,
                 trending: bool = False) -> None:
             allowed = self._without(live, allowed, shown)
-            items = (self._search(live, query, k, allowed) if query is not None else
-                     self._popular(live, k, allowed, by_trending=trending))
+            items = retrieve.personal(of, k, allowed) if of is not None else \
+                retrieve.popular(k, allowed, by_trending=trending)
             if items:
-                source = PERSONALIZED if query is not None else POPULAR
-                rows.append(Row(row_id, title, items, source))
+                rows.append(Row(row_id, title, items, PERSONALIZED if of else POPULAR))
                 shown.extend(s.row for s in items)
 
-        last = self._last_known(record)
-        if last is not None:
+        if query is not None:
+            last = int(query.played[0])
             add("because_you_watched", f"Because you watched {catalog.titles[last]}",
-                base, np.asarray(catalog.item_factors[last], np.float32))
-        add("top_picks", "Top picks for you", base, vector)
+                base, self._item_query(catalog, last, retrieval))
+        add("top_picks", "Top picks for you", base, query)
         recent_from = max(spec.min_year, live.filters.last_year - self.config.new_release_years)
         if not spec.max_year or spec.max_year >= recent_from:  # else the filter excludes them
             new_spec = ItemFilter(spec.genres_any, spec.genres_none, recent_from, spec.max_year)
-            add("new_releases", "New releases for you", live.filters.bitmap(new_spec), vector)
+            add("new_releases", "New releases for you", live.filters.bitmap(new_spec), query)
         add("trending", "Trending now", base, None, trending=True)
         return rows, record.version if record else 0, catalog
 
@@ -192,6 +209,22 @@ class Ranker:
         """The user's latest record, with rows for this catalog (remapped if from another)."""
         record = self.store.get_user(user_id)
         return None if record is None else catalog.fit(record)
+
+    def _query(self, catalog: CatalogSnapshot, record: UserRecord | None,
+               retrieval: str | None) -> Query | None:
+        """What a user's recommendations are retrieved from (None: nothing to go on)."""
+        vector = self._vector(catalog, record)
+        if vector is None or record is None:
+            return None
+        played, weights = recent_plays(record.rows, record.last_at, self.config.recent_plays,
+                                       self.config.recent_half_life_plays)
+        return Query(vector=vector, played=played, weights=weights,
+                     retrieval=retrieval or self.config.retrieval)
+
+    def _item_query(self, catalog: CatalogSnapshot, row: int, retrieval: str | None) -> Query:
+        return Query(vector=np.asarray(catalog.item_factors[row], np.float32),
+                     played=np.array([row], np.int64), weights=np.ones(1),
+                     retrieval=retrieval or self.config.retrieval, anchored=True)
 
     @staticmethod
     def _vector(catalog: CatalogSnapshot, record: UserRecord | None) -> np.ndarray | None:
@@ -214,13 +247,6 @@ class Ranker:
         return record.rows[record.rows >= 0].tolist()  # type: ignore[no-any-return]
 
     @staticmethod
-    def _last_known(record: UserRecord | None) -> int | None:
-        if record is None or not (record.rows >= 0).any():
-            return None
-        known = np.flatnonzero(record.rows >= 0)
-        return int(record.rows[known[np.argmax(record.last_at[known])]])
-
-    @staticmethod
     def _without(live: LiveCatalog, allowed: np.ndarray | None,
                  rows: list[int]) -> np.ndarray | None:
         if not rows:
@@ -228,48 +254,3 @@ class Ranker:
         allowed = live.filters.all.copy() if allowed is None else allowed.copy()
         clear(allowed, rows)
         return allowed
-
-    def _search(self, live: LiveCatalog, vector: np.ndarray, k: int,
-                allowed: np.ndarray | None) -> list[Scored]:
-        """ANN search restricted by a bitmap; exact over the allowed rows when it is narrow."""
-        catalog = live.catalog
-        budget = len(catalog) if allowed is None else count(allowed)
-        if budget == 0:
-            return []
-        if budget <= self.config.brute_force_below:
-            return self._exact(catalog, vector, k, allowed)
-        selector = None if allowed is None else faiss.IDSelectorBitmap(
-            len(catalog), faiss.swig_ptr(allowed))
-        ids, scores = catalog.search(vector, k, selector)
-        found = [Scored(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True)
-                 if i >= 0]
-        if len(found) < min(k, budget):  # the ANN index gave up early: be exact instead
-            return self._exact(catalog, vector, k, allowed)
-        return found
-
-    @staticmethod
-    def _exact(catalog: CatalogSnapshot, vector: np.ndarray, k: int,
-               allowed: np.ndarray | None) -> list[Scored]:
-        rows = np.arange(len(catalog)) if allowed is None else \
-            np.flatnonzero(unpack(allowed, len(catalog)))
-        scores = np.asarray(catalog.item_factors)[rows] @ vector
-        top = np.argsort(-scores, kind="stable")[:k]
-        return [Scored(int(rows[t]), float(scores[t])) for t in top]
-
-    def _popular(self, live: LiveCatalog, k: int, allowed: np.ndarray | None,
-                 by_trending: bool = False) -> list[Scored]:
-        # With no recent plays yet, "trending" is the batch popularity.
-        by_trending = by_trending and len(live.trending_order) > 0
-        order = live.trending_order if by_trending else live.popular_order
-        score = live.trending if by_trending else live.catalog.popularity
-        top: list[int] = []
-        # Walk the popularity order in blocks, testing bits in place: a filter rarely
-        # needs more than the first block, and unpacking a 1M-item mask costs ~1 ms.
-        for start in range(0, len(order), _POPULAR_BLOCK):
-            rows = order[start:start + _POPULAR_BLOCK]
-            if allowed is not None:
-                rows = rows[allows_rows(allowed, rows)]
-            top.extend(rows[:k - len(top)].tolist())
-            if len(top) == k:
-                break
-        return [Scored(r, float(score[r])) for r in top]

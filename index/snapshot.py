@@ -25,6 +25,7 @@ import numpy as np
 from index.errors import FailedPrecondition
 from index.files import atomic_write, fsync_dir, fsync_file
 from index.model import AlsParams
+from index.neighbours import Neighbours
 from index.tables import ItemTable
 
 FORMAT = 1
@@ -36,7 +37,9 @@ INDEX_FILE = "index.faiss"
 ITEMS_FILE = "items.npz"
 IDS_FILE = "item_ids.txt"
 TITLES_FILE = "titles.txt"
+NEIGHBOURS_FILE = "neighbours.npz"
 DATA_FILES = (FACTORS_FILE, INDEX_FILE, ITEMS_FILE, IDS_FILE, TITLES_FILE)
+OPTIONAL_FILES = (NEIGHBOURS_FILE,)  # older snapshots have no neighbours
 VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MAX_ITEMS = 50_000_000
 MAX_DIM = 1024
@@ -116,6 +119,7 @@ class Manifest:
     genres: list[str]
     created_at: float
     files: dict[str, dict[str, Any]]
+    neighbours: dict[str, Any] = field(default_factory=dict)  # their build parameters
     metric: str = METRIC
     format: int = FORMAT
 
@@ -138,9 +142,13 @@ def _is(value: Any, kind: type | tuple[type, ...]) -> bool:
 
 def _manifest_checks(m: Manifest) -> list[tuple[bool, str]]:
     """Every field's type and range: a manifest is input like any other."""
-    files_ok = isinstance(m.files, dict) and set(m.files) == set(DATA_FILES) and all(
+    files_ok = isinstance(m.files, dict) and \
+        set(DATA_FILES) <= set(m.files) <= {*DATA_FILES, *OPTIONAL_FILES} and all(
         isinstance(f, dict) and _is(f.get("bytes"), int) and isinstance(f.get("sha256"), str)
         for f in m.files.values())
+    neighbours_ok = isinstance(m.neighbours, dict) and all(
+        isinstance(k, str) and _is(v, int) and 0 <= v < 1e6 for k, v in m.neighbours.items()) \
+        and (NEIGHBOURS_FILE in m.files) == bool(m.neighbours) if files_ok else True
     als_ok = isinstance(m.als, dict) and all(
         _is(m.als.get(key), (int, float)) and 0 <= m.als[key] < 1e6
         for key in ("factors", "regularization", "alpha", "iterations")) and (
@@ -162,7 +170,10 @@ def _manifest_checks(m: Manifest) -> list[tuple[bool, str]]:
         (isinstance(m.genres, list) and len(m.genres) <= 64
          and all(isinstance(g, str) for g in m.genres), "genres must be up to 64 strings"),
         (_is(m.created_at, (int, float)), "created_at must be a number"),
-        (files_ok, f"files must give bytes and sha256 of each of {sorted(DATA_FILES)}"),
+        (files_ok, f"files must give bytes and sha256 of each of {sorted(DATA_FILES)} "
+                   f"(and optionally of {sorted(OPTIONAL_FILES)})"),
+        (neighbours_ok, f"neighbours must map build parameters to integers, and be given "
+                        f"exactly when {NEIGHBOURS_FILE} is"),
     ]
 
 
@@ -188,12 +199,15 @@ def write_snapshot(
     spec: IndexSpec,
     als: AlsParams,
     make_current: bool = True,
+    neighbours: Neighbours | None = None,
 ) -> Path:
     """Write a complete snapshot under `root`/<version>, then (optionally) point CURRENT at it."""
     if not VERSION_PATTERN.fullmatch(version):
         raise ValueError(f"bad model version {version!r}: letters, digits, '.', '_', '-'")
     if item_factors.shape[0] != len(items) or popularity.shape != (len(items),):
         raise ValueError("item factors, items and popularity must have one row per item")
+    if neighbours is not None and (problem := neighbours.check(len(items))):
+        raise ValueError(f"bad neighbours: {problem}")
     root.mkdir(parents=True, exist_ok=True)
     final = root / version
     if final.exists():
@@ -201,7 +215,7 @@ def write_snapshot(
     tmp = root / f".tmp-{version}-{os.getpid()}"
     tmp.mkdir()
     try:
-        _write_files(tmp, version, item_factors, items, popularity, spec, als)
+        _write_files(tmp, version, item_factors, items, popularity, spec, als, neighbours)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -213,7 +227,8 @@ def write_snapshot(
 
 
 def _write_files(tmp: Path, version: str, item_factors: np.ndarray, items: ItemTable,
-                 popularity: np.ndarray, spec: IndexSpec, als: AlsParams) -> None:
+                 popularity: np.ndarray, spec: IndexSpec, als: AlsParams,
+                 neighbours: Neighbours | None) -> None:
     """Write every file of a snapshot and its manifest into `tmp`, each fsynced."""
     factors = np.ascontiguousarray(item_factors, dtype=np.float32)
     np.save(tmp / FACTORS_FILE, factors)
@@ -223,15 +238,21 @@ def _write_files(tmp: Path, version: str, item_factors: np.ndarray, items: ItemT
              popularity=popularity.astype(np.float32), genre_mask=_genre_masks(items, genres))
     _write_lines(tmp / IDS_FILE, items.item_ids)
     _write_lines(tmp / TITLES_FILE, items.titles)
+    names: tuple[str, ...] = DATA_FILES
+    if neighbours is not None:
+        np.savez(tmp / NEIGHBOURS_FILE, rows=neighbours.rows, scores=neighbours.scores)
+        names = (*DATA_FILES, NEIGHBOURS_FILE)
     manifest = Manifest(
         model_version=version, dim=int(factors.shape[1]), item_count=len(items),
         index_type=spec.factory, search=dict(spec.search), als=als.as_dict(), genres=genres,
         created_at=time.time(),
         files={name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
-               for name in DATA_FILES},
+               for name in names},
+        neighbours={"k": neighbours.rows.shape[1], **neighbours.params}
+        if neighbours is not None else {},
     )
     (tmp / MANIFEST).write_text(json.dumps(manifest.__dict__, indent=2), encoding="utf-8")
-    for name in (*DATA_FILES, MANIFEST):
+    for name in (*names, MANIFEST):
         fsync_file(tmp / name)
     fsync_dir(tmp)
 

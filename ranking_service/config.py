@@ -5,7 +5,7 @@ Ranking defaults come from `RankingConfig`, so each is stated once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from index.ranking import RankingConfig
 from rpc.settings import ServerSettings
@@ -29,6 +29,14 @@ class Settings(ServerSettings):
     brute_force_below: int = RankingConfig.brute_force_below
     popularity_blend: float = RankingConfig.popularity_blend
     new_release_years: int = RankingConfig.new_release_years
+    retrieval: str = field(default=RankingConfig.retrieval, metadata={
+        "help": "default candidate source: blend | vector | neighbours"})
+    blend_weight: float = field(default=RankingConfig.blend_weight, metadata={
+        "help": "weight of the neighbours' scores against the vector's, in [0, 1]"})
+    recent_plays: int = RankingConfig.recent_plays
+    recent_half_life_plays: float = RankingConfig.recent_half_life_plays
+    vector_candidates: int = RankingConfig.vector_candidates
+    neighbour_candidates: int = RankingConfig.neighbour_candidates
     max_log_wait_s: float = field(default=2.0, metadata={
         "help": "log mode: longest wait for a request's min_log_sequence"})
 
@@ -38,10 +46,9 @@ class Settings(ServerSettings):
             raise ValueError("workers must be >= 1, and several workers need a fixed --port")
         if self.max_k < 1:
             raise ValueError(f"max_k must be >= 1, got {self.max_k}")
+        _ = self.ranking  # its own checks
 
     @property
     def ranking(self) -> RankingConfig:
         """The ranker's tuning."""
-        return RankingConfig(brute_force_below=self.brute_force_below,
-                             popularity_blend=self.popularity_blend,
-                             new_release_years=self.new_release_years)
+        return RankingConfig(**{f.name: getattr(self, f.name) for f in fields(RankingConfig)})

@@ -18,7 +18,18 @@ from index import snapshots_dir, users_dir
 from index.catalog import CatalogSnapshot
 from index.errors import InvalidArgument, Unavailable
 from index.filters import ItemFilter
-from index.ranking import PERSONALIZED, Ranker, Scored
+from index.ranking import PERSONALIZED, Ranker
+from index.retrieval import (
+    BLEND,
+    LIKE,
+    NEIGHBOURS,
+    POPULAR,
+    TASTE,
+    TRENDING,
+    VECTOR,
+    WATCHED,
+    Scored,
+)
 from index.snapshot import VERSION_PATTERN, SnapshotError
 from index.store import UserStore
 from ranking_service.config import Settings
@@ -31,6 +42,14 @@ log = logging.getLogger("freshrec.ranking")
 SERVICES = [ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name,
             catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name]
 SOURCES = {PERSONALIZED: ranking_pb2.PERSONALIZED}
+RETRIEVALS: dict[int, str | None] = {
+    ranking_pb2.RETRIEVAL_UNSPECIFIED: None, ranking_pb2.RETRIEVAL_BLEND: BLEND,
+    ranking_pb2.RETRIEVAL_VECTOR: VECTOR, ranking_pb2.RETRIEVAL_NEIGHBOURS: NEIGHBOURS}
+Kind = ranking_pb2.Reason
+REASONS = {TASTE: (Kind.TASTE, "Matches your taste"),
+           WATCHED: (Kind.SIMILAR_TO_WATCHED, "Because you watched {}"),
+           LIKE: (Kind.SIMILAR_TO_ITEM, "Like {}"),
+           POPULAR: (Kind.POPULAR, "Popular"), TRENDING: (Kind.TRENDING, "Trending now")}
 T = TypeVar("T")
 # Who may call what when auth is on (rpc.security): only admins reload the catalog.
 POLICY = {f"/{service}/{method}": role for service, method, role in (
@@ -45,11 +64,30 @@ def to_filter(message: ranking_pb2.Filter) -> ItemFilter:
                       message.min_year, message.max_year)
 
 
+def to_retrieval(value: int) -> str | None:
+    """The domain retrieval of a Retrieval value (None: the server's default)."""
+    if value not in RETRIEVALS:
+        raise InvalidArgument(f"unknown retrieval {value}; one of "
+                              f"{sorted(ranking_pb2.Retrieval.keys())}")
+    return RETRIEVALS[value]
+
+
+def to_reason(catalog: CatalogSnapshot, scored: Scored) -> ranking_pb2.Reason:
+    """The Reason message of a ranked item."""
+    kind, text = REASONS[scored.reason]
+    if scored.anchor < 0:
+        return ranking_pb2.Reason(kind=kind, text=text)
+    title = catalog.titles[scored.anchor]
+    return ranking_pb2.Reason(kind=kind, item_id=catalog.item_ids[scored.anchor],
+                              item_title=title, text=text.format(title))
+
+
 def to_items(catalog: CatalogSnapshot, scored: Sequence[Scored]) -> list[ranking_pb2.ScoredItem]:
-    """ScoredItem messages with the catalog's metadata."""
+    """ScoredItem messages with the catalog's metadata and each item's reason."""
     return [ranking_pb2.ScoredItem(item_id=catalog.item_ids[s.row], score=s.score,
                                    title=catalog.titles[s.row], genres=catalog.genres_of(s.row),
-                                   year=int(catalog.years[s.row])) for s in scored]
+                                   year=int(catalog.years[s.row]),
+                                   reason=to_reason(catalog, s)) for s in scored]
 
 
 class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
@@ -96,8 +134,10 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                   ) -> ranking_pb2.RecommendResponse:
         self._check("user_id", request.user_id, request.k)
         self._read_your_write(request.user_id, request.min_log_sequence, context)
+        retrieval = to_retrieval(request.retrieval)
         ranking = self._timed("Recommend", lambda: self.ranker.recommend(
-            request.user_id, request.k, to_filter(request.filter), request.include_watched))
+            request.user_id, request.k, to_filter(request.filter), request.include_watched,
+            retrieval))
         self.metrics.responses.labels(ranking.source).inc()
         return ranking_pb2.RecommendResponse(
             items=to_items(ranking.catalog, ranking.items),
@@ -107,8 +147,9 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
     def SimilarItems(self, request: ranking_pb2.SimilarItemsRequest,
                      context: grpc.ServicerContext) -> ranking_pb2.SimilarItemsResponse:
         self._check("item_id", request.item_id, request.k)
+        retrieval = to_retrieval(request.retrieval)
         items, catalog = self._timed("SimilarItems", lambda: self.ranker.similar(
-            request.item_id, request.k, to_filter(request.filter)))
+            request.item_id, request.k, to_filter(request.filter), retrieval))
         return ranking_pb2.SimilarItemsResponse(items=to_items(catalog, items),
                                                 model_version=catalog.model_version)
 
@@ -116,8 +157,9 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                  ) -> ranking_pb2.HomePageResponse:
         self._check("user_id", request.user_id, request.k_per_row)
         self._read_your_write(request.user_id, request.min_log_sequence, context)
+        retrieval = to_retrieval(request.retrieval)
         rows, version, catalog = self._timed("HomePage", lambda: self.ranker.home(
-            request.user_id, request.k_per_row, to_filter(request.filter)))
+            request.user_id, request.k_per_row, to_filter(request.filter), retrieval))
         return ranking_pb2.HomePageResponse(
             rows=[ranking_pb2.Row(id=r.id, title=r.title, items=to_items(catalog, r.items),
                                   source=SOURCES.get(r.source, ranking_pb2.POPULAR))

@@ -1,0 +1,195 @@
+"""Co-visitation neighbours: per item, the items the same viewers played near it.
+
+Built in the batch job (`co_visitation`) and kept in the snapshot (`neighbours.npz`); the
+ranking service turns the neighbours of a user's recent plays into candidates
+(`NeighbourQuery`). The score of a pair is the cosine of co-occurrence over distinct
+(user, item) plays, ``c_ij / sqrt(n_i * n_j)``, counting a pair of a user's plays only
+if at most `window` other distinct plays lie between them in the user's time order
+(0: anywhere in the history) — Gorse's item-to-item score when the window is 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+MAX_K = 1000
+_PAIR_CHUNK = 20_000_000  # pairs counted per pass, to bound memory on big logs
+
+
+@dataclass(frozen=True, kw_only=True)
+class NeighbourParams:
+    """How neighbours are built: how many are kept per item and the co-visitation window."""
+
+    k: int = 50
+    window: int = 0
+    max_per_user: int = 500  # a user's latest distinct plays counted (bounds heavy users)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.k <= MAX_K:
+            raise ValueError(f"neighbour k must be in [1, {MAX_K}], got {self.k}")
+        if self.window < 0 or self.max_per_user < 2:
+            raise ValueError("neighbour window must be >= 0 and max_per_user >= 2")
+
+    def as_dict(self) -> dict[str, int]:
+        """The manifest's record of these parameters."""
+        return {"k": self.k, "window": self.window, "max_per_user": self.max_per_user}
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    """Top-k neighbour rows per item (-1 padded at the end) and their scores, best first."""
+
+    rows: np.ndarray  # int32 (n_items, k)
+    scores: np.ndarray  # float32 (n_items, k), 0 where rows is -1
+    params: dict[str, int] = field(default_factory=dict)  # how they were built
+
+    def check(self, n_items: int) -> str | None:
+        """What is wrong with these arrays for a catalog of n_items (None: nothing)."""
+        rows, scores = self.rows, self.scores
+        if rows.dtype != np.int32 or scores.dtype != np.float32:
+            return f"rows/scores are {rows.dtype}/{scores.dtype}, expected int32/float32"
+        if rows.ndim != 2 or rows.shape[0] != n_items or scores.shape != rows.shape \
+                or not 1 <= rows.shape[1] <= MAX_K:
+            return f"shape {rows.shape}/{scores.shape}, expected ({n_items}, k <= {MAX_K})"
+        if ((rows < -1) | (rows >= n_items)).any():
+            return "a neighbour row is outside the catalog"
+        if (rows == np.arange(n_items, dtype=np.int32)[:, None]).any():
+            return "an item is its own neighbour"
+        if (np.diff((rows < 0).view(np.int8), axis=1) < 0).any():
+            return "padding (-1) is not only at the end of a row"
+        if not np.isfinite(scores).all() or (scores < 0).any() or (scores > 1 + 1e-5).any():
+            return "scores are not in [0, 1]"
+        if (np.diff(scores, axis=1) > 1e-6).any() or (scores[rows < 0] != 0).any():
+            return "scores are not best first, or padding has a score"
+        sorted_rows = np.sort(np.where(rows < 0, -1 - np.arange(rows.shape[1]), rows), axis=1)
+        if (np.diff(sorted_rows, axis=1) == 0).any():
+            return "an item has a neighbour twice"
+        return None
+
+
+def co_visitation(user_codes: np.ndarray, item_rows: np.ndarray, timestamps: np.ndarray,
+                  n_items: int, params: NeighbourParams) -> Neighbours:
+    """Neighbours from a play log (user code, item row, time per play)."""
+    users, items = _distinct_plays(user_codes, item_rows, timestamps, params.max_per_user)
+    played_by = np.bincount(items, minlength=n_items).astype(np.float64)
+    pairs, counts = _pair_counts(users, items, n_items, params.window)
+    first, second = pairs // n_items, pairs % n_items
+    cosine = counts / np.sqrt(played_by[first] * played_by[second])
+    # Both directions; then each item's k best, ties to the lower row.
+    source = np.concatenate([first, second])
+    target = np.concatenate([second, first])
+    score = np.concatenate([cosine, cosine])
+    order = np.lexsort((target, -score, source))
+    source, target, score = source[order], target[order], score[order]
+    starts = np.searchsorted(source, np.arange(n_items))
+    rank = np.arange(len(source)) - starts[source]
+    keep = rank < params.k
+    rows = np.full((n_items, params.k), -1, np.int32)
+    scores = np.zeros((n_items, params.k), np.float32)
+    rows[source[keep], rank[keep]] = target[keep]
+    scores[source[keep], rank[keep]] = np.minimum(score[keep], 1.0)
+    return Neighbours(rows, scores, params.as_dict())
+
+
+def _distinct_plays(user_codes: np.ndarray, item_rows: np.ndarray, timestamps: np.ndarray,
+                    max_per_user: int) -> tuple[np.ndarray, np.ndarray]:
+    """One play per (user, item) at its latest time, sorted by user then time, each user's
+    latest `max_per_user` kept."""
+    user_codes, item_rows = user_codes.astype(np.int64), item_rows.astype(np.int64)
+    order = np.lexsort((-timestamps, item_rows, user_codes))
+    u, i, t = user_codes[order], item_rows[order], timestamps[order]
+    first = np.ones(len(u), bool)
+    first[1:] = (u[1:] != u[:-1]) | (i[1:] != i[:-1])
+    u, i, t = u[first], i[first], t[first]
+    order = np.lexsort((-t, u))  # latest first within a user
+    u, i = u[order], i[order]
+    starts = np.searchsorted(u, u)
+    keep = np.arange(len(u)) - starts < max_per_user
+    u, i = u[keep][::-1], i[keep][::-1]  # back to oldest first
+    return u, i
+
+
+def _pair_counts(users: np.ndarray, items: np.ndarray, n_items: int,
+                 window: int) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct unordered item pairs (as a * n_items + b, a < b) and how many users had them."""
+    longest = int(np.bincount(np.unique(users, return_inverse=True)[1]).max(initial=0))
+    reach = longest - 1 if window == 0 else min(window + 1, longest - 1)
+    chunks: list[np.ndarray] = []
+    pending: list[np.ndarray] = []
+    size = 0
+    for offset in range(1, reach + 1):
+        same = users[offset:] == users[:-offset]
+        a, b = items[:-offset][same], items[offset:][same]
+        pending.append(np.minimum(a, b) * n_items + np.maximum(a, b))
+        size += len(pending[-1])
+        if size >= _PAIR_CHUNK:
+            chunks.append(np.concatenate(pending))
+            pending, size = [], 0
+    chunks.append(np.concatenate(pending) if pending else np.zeros(0, np.int64))
+    keys = np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
+    pairs, counts = np.unique(keys, return_counts=True)
+    return pairs, counts.astype(np.float64)
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Items reached from a user's recent plays: rows (ascending), summed weighted scores,
+    and per item the recent play that contributed most (the reason's anchor)."""
+
+    rows: np.ndarray
+    scores: np.ndarray
+    anchors: np.ndarray
+
+    @staticmethod
+    def empty() -> Candidates:
+        """No candidates."""
+        return Candidates(np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64))
+
+    def score_of(self, rows: np.ndarray) -> np.ndarray:
+        """The candidates' scores at `rows` (0 for a row not among them)."""
+        at = np.minimum(np.searchsorted(self.rows, rows), max(len(self.rows) - 1, 0))
+        found = (self.rows[at] == rows) if len(self.rows) else np.zeros(len(rows), bool)
+        return np.where(found, self.scores[at] if len(self.rows) else 0.0, 0.0)
+
+
+def recent_plays(rows: np.ndarray, last_at: np.ndarray, recent: int,
+                 half_life_plays: float) -> tuple[np.ndarray, np.ndarray]:
+    """A user's latest `recent` known plays (newest first) and their recency weights,
+    ``0.5 ** (position / half_life_plays)`` (position 0 = the latest; 0 = no decay)."""
+    known = np.flatnonzero(rows >= 0)
+    latest = known[np.argsort(-last_at[known], kind="stable")[:recent]]
+    position = np.arange(len(latest), dtype=np.float64)
+    weights = 0.5 ** (position / half_life_plays) if half_life_plays > 0 else \
+        np.ones(len(latest))
+    return rows[latest].astype(np.int64), weights
+
+
+def candidates(neighbours: Neighbours, played: np.ndarray, weights: np.ndarray) -> Candidates:
+    """The neighbours of the played rows, each scored by the weighted sum of its similarities."""
+    if not len(played):
+        return Candidates.empty()
+    reached = neighbours.rows[played].astype(np.int64)  # (plays, k)
+    weighted = neighbours.scores[played].astype(np.float64) * weights[:, None]
+    valid = reached >= 0
+    flat, contribution = reached[valid], weighted[valid]
+    anchor = np.broadcast_to(played[:, None], reached.shape)[valid]
+    rows, inverse = np.unique(flat, return_inverse=True)
+    scores = np.bincount(inverse, contribution, minlength=len(rows))
+    # The anchor of each row: the play with the largest contribution to it.
+    order = np.lexsort((-contribution, inverse))
+    firsts = order[np.searchsorted(inverse[order], np.arange(len(rows)))]
+    return Candidates(rows, scores, anchor[firsts])
+
+
+def blend(vector: np.ndarray, neighbour: np.ndarray,
+          weight: float) -> tuple[np.ndarray, np.ndarray]:
+    """Both scores of the same candidates on one scale, then mixed:
+    ``(1 - weight) * v / max(v) + weight * n / max(n)``, each max over these candidates
+    (a max <= 0 leaves that part unscaled). Returns the mix and its neighbour part."""
+    v_max = float(vector.max(initial=0.0))
+    n_max = float(neighbour.max(initial=0.0))
+    from_neighbours = weight * (neighbour / n_max if n_max > 0 else neighbour)
+    return (1 - weight) * (vector / v_max if v_max > 0 else vector) + from_neighbours, \
+        from_neighbours
