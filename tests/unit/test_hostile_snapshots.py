@@ -34,7 +34,9 @@ from hypothesis import strategies as st
 
 from index import snapshots_dir
 from index.catalog import CatalogSnapshot
-from index.ranking import LiveCatalog, Scored
+from index.neighbours import candidates
+from index.ranking import LiveCatalog
+from index.retrieval import Scored
 from index.snapshot import (
     CURRENT,
     DATA_FILES,
@@ -43,6 +45,7 @@ from index.snapshot import (
     INDEX_FILE,
     ITEMS_FILE,
     MANIFEST,
+    NEIGHBOURS_FILE,
     TITLES_FILE,
     SnapshotError,
 )
@@ -54,6 +57,7 @@ REPO = Path(__file__).resolve().parents[2]
 # How each service loads a snapshot: (name, keyword arguments of CatalogSnapshot.load).
 MODES = (("ranking", {"mmap": True}), ("tools", {}), ("events", {"with_index": False}))
 HYPOTHESIS_EXAMPLES = {"data files": 80, "manifest": 80}
+FILES = (*DATA_FILES, NEIGHBOURS_FILE)  # the session's snapshot has neighbours
 
 Damage = Callable[[Path], None]  # damages the version dir of a snapshots copy
 
@@ -126,6 +130,9 @@ def _servable(catalog: CatalogSnapshot) -> None:
     to_items(catalog, [Scored(row, 1.0) for row in (0, len(catalog) - 1)])
     if catalog.index is not None:
         catalog.search(np.asarray(catalog.item_factors[0], np.float32), 5)
+    if catalog.neighbours is not None:
+        found = candidates(catalog.neighbours, np.array([0, len(catalog) - 1]), np.ones(2))
+        assert ((found.rows >= 0) & (found.rows < len(catalog))).all()
 
 
 def _outcomes(root: Path, version: str | None = None) -> dict[str, BaseException | None]:
@@ -210,8 +217,8 @@ def _cut_to(name: str, point: str, rewrite: bool) -> Damage:
 
 def _data_file_cases() -> list[Case]:
     cases = []
-    for name in DATA_FILES:
-        binary = name in (FACTORS_FILE, ITEMS_FILE, INDEX_FILE)
+    for name in FILES:
+        binary = name in (FACTORS_FILE, ITEMS_FILE, INDEX_FILE, NEIGHBOURS_FILE)
         for point in ("empty", "1 byte", "half", "all but 1 byte"):
             cases.append(Case(f"{name} truncated to {point}, manifest as it was",
                               _cut_to(name, point, rewrite=False), name))
@@ -346,7 +353,48 @@ SHAPE_CASES = [
     Case("titles with 1,999 lines", _edit_lines(TITLES_FILE, lambda ls: ls[:-1]), TITLES_FILE),
     Case("titles not UTF-8", _invalid_utf8(TITLES_FILE), TITLES_FILE),
 ]
-DATA_CASES = _data_file_cases() + SHAPE_CASES
+
+
+def _replace_neighbours(change: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]],
+                        manifest_k: int | None = None) -> Damage:
+    """Rewrite neighbours.npz with (rows, scores) changed, checksums to match."""
+    def damage(version: Path) -> None:
+        with np.load(version / NEIGHBOURS_FILE) as npz:
+            rows, scores = change(npz["rows"].copy(), npz["scores"].copy())
+        np.savez(version / NEIGHBOURS_FILE, rows=rows, scores=scores)
+        _rewrite_checksums(version, NEIGHBOURS_FILE)
+        if manifest_k is not None:
+            _set(("neighbours", "k"), manifest_k)(version)
+    return damage
+
+
+def _at(array: np.ndarray, where: tuple[int, int], value: Any) -> np.ndarray:
+    array[where] = value
+    return array
+
+
+NEIGHBOUR_CASES = [Case(f"neighbours: {label}", _replace_neighbours(change, k), NEIGHBOURS_FILE)
+                   for label, change, k in [
+    ("a row past the catalog", lambda r, s: (_at(r, (3, 0), 2_000), s), None),
+    ("a row below -1", lambda r, s: (_at(r, (3, 0), -7), s), None),
+    ("an item its own neighbour", lambda r, s: (_at(r, (3, 0), 3), s), None),
+    ("the same neighbour twice", lambda r, s: (_at(r, (3, 1), r[3, 0]), s), None),
+    ("padding in the middle", lambda r, s: (_at(r, (3, 1), -1), s), None),
+    ("a NaN score", lambda r, s: (r, _at(s, (3, 0), np.nan)), None),
+    ("a negative score", lambda r, s: (r, _at(s, (3, 0), -0.5)), None),
+    ("a score above 1", lambda r, s: (r, _at(s, (3, 0), 7.0)), None),
+    ("scores not best first", lambda r, s: (r, _at(s, (3, 1), s[3, 0] + 0.5)), None),
+    ("rows as int64", lambda r, s: (r.astype(np.int64), s), None),
+    ("scores as float64", lambda r, s: (r, s.astype(np.float64)), None),
+    ("rows as floats", lambda r, s: (r.astype(np.float32), s), None),
+    ("1,999 rows", lambda r, s: (r[:-1], s[:-1]), None),
+    ("rows 1-d", lambda r, s: (r.ravel(), s.ravel()), None),
+    ("scores of another shape", lambda r, s: (r, s[:, :-1]), None),
+    ("no neighbours per item", lambda r, s: (r[:, :0], s[:, :0]), 0),
+    ("k unlike the manifest's", lambda r, s: (r[:, :-1], s[:, :-1]), None),
+    ("rows empty", lambda r, s: (np.zeros(0, np.int32), s), None),
+]]
+DATA_CASES = _data_file_cases() + SHAPE_CASES + NEIGHBOUR_CASES
 
 
 @pytest.mark.parametrize("case", DATA_CASES, ids=[c.id for c in DATA_CASES])
@@ -449,7 +497,7 @@ def test_hostile_manifest_is_refused_naming_it(root: Path, damage: Damage,
     version = root / VERSION
     damage(version)
     # A bad size or checksum field is reported against the data file it describes.
-    named = [version / MANIFEST, *(version / name for name in DATA_FILES)]
+    named = [version / MANIFEST, *(version / name for name in FILES)]
     _check(root, named, ALL if required else ())
 
 
@@ -682,8 +730,9 @@ json_values = st.recursive(
     max_leaves=6)
 MANIFEST_KEYS: list[str | tuple[str, ...]] = [
     "model_version", "dim", "item_count", "index_type", "search", "als", "genres", "created_at",
-    "files", "metric", "format", *(("files", n) for n in DATA_FILES),
-    *(("files", n, "bytes") for n in DATA_FILES), ("als", "alpha"), ("als", "regularization")]
+    "files", "metric", "format", "neighbours", ("neighbours", "k"),
+    *(("files", n) for n in FILES), *(("files", n, "bytes") for n in FILES),
+    ("als", "alpha"), ("als", "regularization")]
 
 
 @settings(HYPOTHESIS, max_examples=HYPOTHESIS_EXAMPLES["manifest"])
@@ -702,4 +751,50 @@ def test_random_damage_to_the_manifest_is_refused_or_harmless(
                 edit.apply(version / MANIFEST)
         else:
             _set(*what)(version)
-        _check(root, [version / MANIFEST, *(version / n for n in DATA_FILES)], must_refuse=())
+        _check(root, [version / MANIFEST, *(version / n for n in FILES)], must_refuse=())
+
+
+# -- neighbours: the manifest's account of them ---------------------------------------------
+
+
+def _drop_neighbours_file(version: Path) -> None:
+    (version / NEIGHBOURS_FILE).unlink()
+
+
+def _scores_only(version: Path) -> None:
+    with np.load(version / NEIGHBOURS_FILE) as npz:
+        np.savez(version / NEIGHBOURS_FILE, scores=npz["scores"])
+    _rewrite_checksums(version, NEIGHBOURS_FILE)
+
+
+@pytest.mark.parametrize("damage", [_drop_neighbours_file, _scores_only],
+                         ids=["file missing", "rows array missing"])
+def test_neighbours_named_in_the_manifest_must_be_there_whole(root: Path,
+                                                              damage: Damage) -> None:
+    damage(root / VERSION)
+    _check(root, [root / VERSION / NEIGHBOURS_FILE])
+
+
+@pytest.mark.parametrize(("label", "damage"), [
+    ("file listed, parameters removed", _set("neighbours", {})),
+    ("parameters given, file not listed", _set(("files", NEIGHBOURS_FILE), KeyError)),
+    ("parameters not integers", _set(("neighbours", "k"), "fifty")),
+    ("an unknown extra file listed", _set(("files", "extra.npz"), {"bytes": 1, "sha256": "0"})),
+])
+def test_a_manifest_inconsistent_about_neighbours_is_refused(root: Path, label: str,
+                                                             damage: Damage) -> None:
+    damage(root / VERSION)
+    _check(root, [root / VERSION / MANIFEST])
+
+
+def test_a_snapshot_without_neighbours_still_serves(root: Path) -> None:
+    version = root / VERSION
+    _drop_neighbours_file(version)
+    manifest = _manifest(version)
+    del manifest["files"][NEIGHBOURS_FILE]
+    manifest["neighbours"] = {}
+    _write_manifest(version, manifest)
+    for _, kwargs in MODES:
+        catalog = CatalogSnapshot.load(root, **kwargs)
+        assert catalog.neighbours is None
+        _servable(catalog)
