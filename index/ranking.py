@@ -20,7 +20,7 @@ from index.filters import CatalogFilters, ItemFilter, clear
 from index.follower import SnapshotFollower
 from index.model import History
 from index.neighbours import recent_plays
-from index.retrieval import BLEND, RETRIEVALS, Query, Retriever, Scored
+from index.retrieval import BLEND, LIKE, RETRIEVALS, WATCHED, Query, Retriever, Scored
 from index.store import UserStore
 from index.user_record import UserRecord
 
@@ -194,7 +194,7 @@ class Ranker:
         if query is not None:
             last = int(query.played[0])
             add("because_you_watched", f"Because you watched {catalog.titles[last]}",
-                base, self._item_query(catalog, last, retrieval))
+                base, self._item_query(catalog, last, retrieval, WATCHED))
         add("top_picks", "Top picks for you", base, query)
         recent_from = max(spec.min_year, live.filters.last_year - self.config.new_release_years)
         if not spec.max_year or spec.max_year >= recent_from:  # else the filter excludes them
@@ -221,10 +221,12 @@ class Ranker:
         return Query(vector=vector, played=played, weights=weights,
                      retrieval=retrieval or self.config.retrieval)
 
-    def _item_query(self, catalog: CatalogSnapshot, row: int, retrieval: str | None) -> Query:
+    def _item_query(self, catalog: CatalogSnapshot, row: int, retrieval: str | None,
+                    reason: str = LIKE) -> Query:
+        """Items like the one at `row`, every one given `reason` with it as the anchor."""
         return Query(vector=np.asarray(catalog.item_factors[row], np.float32),
                      played=np.array([row], np.int64), weights=np.ones(1),
-                     retrieval=retrieval or self.config.retrieval, anchored=True)
+                     retrieval=retrieval or self.config.retrieval, anchored=reason)
 
     @staticmethod
     def _vector(catalog: CatalogSnapshot, record: UserRecord | None) -> np.ndarray | None:

@@ -42,14 +42,14 @@ class Scored:
 class Query:
     """What to retrieve for: a vector (the user's, or an item's factor), the played items
     whose neighbours are candidates with their recency weights, and how to merge them.
-    `anchored` names every item similar to the one played item (an item's row), rather
-    than telling taste from similarity."""
+    With `anchored` (a reason), every item gets that reason and is named similar to the
+    one played item, rather than telling taste from similarity."""
 
     vector: np.ndarray | None
     played: np.ndarray
     weights: np.ndarray
     retrieval: str = BLEND
-    anchored: bool = False
+    anchored: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,12 +110,12 @@ class Retriever:
 
     @staticmethod
     def _named(query: Query, found: list[Scored], similar: list[bool]) -> list[Scored]:
-        """Anchored queries: every item is similar to the one played item."""
-        if not query.anchored:
+        """The reasons: taste or similarity per item, or for an anchored query its reason."""
+        if query.anchored is None:
             return [s if sim else Scored(s.row, s.score, TASTE) for s, sim in
                     zip(found, similar, strict=True)]
         anchor = int(query.played[0])
-        return [Scored(s.row, s.score, WATCHED, anchor) for s in found]
+        return [Scored(s.row, s.score, query.anchored, anchor) for s in found]
 
     def _fill(self, n: int, allowed: np.ndarray | None, found: list[Scored]) -> list[Scored]:
         """Up to n popular items not already found."""
