@@ -8,7 +8,9 @@
      service and a ranking service (1 worker); `static` runs a ranking service alone.
   3. Every test interaction (timestamp >= cutoff) is replayed in time order (stable sort).
      For each one, BEFORE it is sent anywhere, every variant answers Recommend(user, k=10)
-     (watched items excluded): a hit if the event's item is in the top 10, NDCG@10 =
+     (watched items excluded; the realtime service is asked three times: with the default
+     blended retrieval, vector only and neighbours only; daily and static with the
+     default): a hit if the event's item is in the top 10, NDCG@10 =
      1/log2(rank + 2) (one relevant item). Then realtime sends the event over one
      long-lived IngestStream and waits for its ack (read-your-writes); daily buffers it and,
      when the UTC day of the event timestamps changes, sends the whole buffered day (batches
@@ -17,8 +19,9 @@
   4. The peers' real-time rules replay the same events in-process (`bench.replay`), on the
      served snapshot's item factors where they use any: Gorse's item-to-item over the last
      100 feedbacks, Qdrant's `average_vector` recommend over the last 20 plays and over the
-     last 20 positives (rating >= 4), popularity; and `realtime (in-process)`, our rule
-     computed by `bench.replay` as a check on the services.
+     last 20 positives (rating >= 4), popularity; and ours computed by `bench.replay` as a
+     check on the services (`(in-process)`: the blend with the served snapshot's
+     neighbours and the ranking defaults, and the vector alone).
 Rating -> event: a rating r becomes a PLAY_COMPLETE with watch_fraction = r/5 (its weight is
 r/5, as in the batch build), occurred_at = its timestamp, event_id = "eval-<cutoff>-<n>".
 Output: a Markdown table on stdout and `<out>/eval-<UTC time>.{json,md,png}`.
@@ -46,9 +49,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from bench.replay import (
     AverageVector,
+    Blended,
     DecayedFoldIn,
     ItemToItem,
     K,
+    Neighbours,
     Popularity,
     Rule,
     Score,
@@ -62,11 +67,18 @@ from index.catalog import CatalogSnapshot
 from index.files import atomic_write
 from index.model import AlsParams
 from index.movielens import load_movielens_100k
+from index.ranking import RankingConfig
 from index.tables import Interactions
 from recsys.v1 import events_pb2, events_pb2_grpc, ranking_pb2, ranking_pb2_grpc
 
 BATCH, DAY_S, PROGRESS_EVERY = 500, 86_400, 2_000
 SERVED = ("realtime", "daily", "static")
+# Scored variants: (served copy, retrieval asked for).
+VARIANTS = {"realtime": ("realtime", ranking_pb2.RETRIEVAL_BLEND),
+            "realtime, vector only": ("realtime", ranking_pb2.RETRIEVAL_VECTOR),
+            "realtime, neighbours only": ("realtime", ranking_pb2.RETRIEVAL_NEIGHBOURS),
+            "daily": ("daily", ranking_pb2.RETRIEVAL_BLEND),
+            "static": ("static", ranking_pb2.RETRIEVAL_BLEND)}
 GROUPS = ("all", "known", "new")
 
 
@@ -120,9 +132,9 @@ class Replay:
             self.streams["daily"].send(self.buffer)
             self.buffer = []
         self.day = day
-        request = ranking_pb2.RecommendRequest(user_id=event.user_id, k=K)
-        calls = {name: stub.Recommend.future(request, timeout=30)
-                 for name, stub in self.rankers.items()}
+        calls = {name: self.rankers[served].Recommend.future(ranking_pb2.RecommendRequest(
+            user_id=event.user_id, k=K, retrieval=retrieval), timeout=30)
+            for name, (served, retrieval) in VARIANTS.items()}
         for name, call in calls.items():
             answer = call.result()
             self.score(name, event, [i.item_id for i in answer.items],
@@ -140,7 +152,7 @@ class Replay:
     def hit_rates(self) -> str:
         """Running HR@10 per variant, for the progress line."""
         return "  ".join(f"{v}={self.scores[(v, 'all')].summary()['hr_at_10']:.4f}"
-                         for v in SERVED if (v, "all") in self.scores)
+                         for v in VARIANTS if (v, "all") in self.scores)
 
 
 def to_events(test: Interactions, cutoff: int) -> Iterator[events_pb2.PlaybackEvent]:
@@ -217,7 +229,8 @@ def evaluate(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     peers = peer_rules(log, cutoff, tmp / "base", args.limit)
     run, ingest = serve_and_replay(tmp, args.port_base, train, events)
     users = {e.user_id for e in events}
-    served = {v: {g: run.scores.get((v, g), Score()).summary() for g in GROUPS} for v in SERVED}
+    served = {v: {g: run.scores.get((v, g), Score()).summary() for g in GROUPS}
+              for v in VARIANTS}
     return {"cutoff": cutoff, "cutoff_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                            time.gmtime(cutoff)),
             "train_events": len(train), "test_events": len(test), "scored_events": len(events),
@@ -236,8 +249,14 @@ def peer_rules(log: Interactions, cutoff: int, data_dir: Path,
         split = split.first(limit)
     factors = np.asarray(catalog.item_factors, np.float64)
     als = AlsParams.of(catalog.manifest.als)
+    vector = DecayedFoldIn(factors, als, catalog.half_life_s)
+    assert catalog.neighbours is not None, "the build writes neighbours"
+    ranking = RankingConfig()
+    neighbours = Neighbours(catalog.neighbours, ranking.recent_plays,
+                            ranking.recent_half_life_plays)
     rules: dict[str, Rule] = {
-        "realtime (in-process)": DecayedFoldIn(factors, als, catalog.half_life_s),
+        "realtime (in-process)": Blended(vector, neighbours, ranking.blend_weight),
+        "realtime, vector only (in-process)": vector,
         "item-to-item, last 100 (Gorse)": ItemToItem(split),
         "average vector, last 20 plays (Qdrant)": AverageVector(factors),
         "average vector, last 20 positives (Qdrant)": AverageVector(factors, min_weight=0.79),

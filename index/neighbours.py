@@ -22,8 +22,9 @@ _PAIR_CHUNK = 20_000_000  # pairs counted per pass, to bound memory on big logs
 class NeighbourParams:
     """How neighbours are built: how many are kept per item and the co-visitation window."""
 
-    k: int = 50
-    window: int = 0
+    # Chosen on the validation window (`python -m bench.tune --blend`).
+    k: int = 100
+    window: int = 20
     max_per_user: int = 500  # a user's latest distinct plays counted (bounds heavy users)
 
     def __post_init__(self) -> None:
@@ -135,23 +136,39 @@ def _pair_counts(users: np.ndarray, items: np.ndarray, n_items: int,
 
 @dataclass(frozen=True)
 class Candidates:
-    """Items reached from a user's recent plays: rows (ascending), summed weighted scores,
-    and per item the recent play that contributed most (the reason's anchor)."""
+    """Items reached from a user's recent plays: rows (ascending) and their summed weighted
+    similarities; `anchors` finds the play behind a row (its reason)."""
 
     rows: np.ndarray
     scores: np.ndarray
-    anchors: np.ndarray
+    table: Neighbours | None = None
+    played: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    weights: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     @staticmethod
     def empty() -> Candidates:
         """No candidates."""
-        return Candidates(np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64))
+        return Candidates(np.zeros(0, np.int64), np.zeros(0))
+
+    def where(self, keep: np.ndarray) -> Candidates:
+        """The candidates selected by a boolean mask."""
+        return Candidates(self.rows[keep], self.scores[keep], self.table, self.played,
+                          self.weights)
 
     def score_of(self, rows: np.ndarray) -> np.ndarray:
         """The candidates' scores at `rows` (0 for a row not among them)."""
-        at = np.minimum(np.searchsorted(self.rows, rows), max(len(self.rows) - 1, 0))
-        found = (self.rows[at] == rows) if len(self.rows) else np.zeros(len(rows), bool)
-        return np.where(found, self.scores[at] if len(self.rows) else 0.0, 0.0)
+        if not len(self.rows):
+            return np.zeros(len(rows))
+        at = np.minimum(np.searchsorted(self.rows, rows), len(self.rows) - 1)
+        return np.where(self.rows[at] == rows, self.scores[at], 0.0)
+
+    def anchors(self, rows: np.ndarray) -> np.ndarray:
+        """For each of `rows` (candidates), the played row that contributed most to it."""
+        assert self.table is not None
+        reached = self.table.rows[self.played]  # (plays, k)
+        hits = reached[None, :, :] == rows[:, None, None]  # (rows, plays, k)
+        contribution = (hits * self.table.scores[self.played][None]).sum(axis=2) * self.weights
+        return self.played[np.argmax(contribution, axis=1)]  # type: ignore[no-any-return]
 
 
 def recent_plays(rows: np.ndarray, last_at: np.ndarray, recent: int,
@@ -170,17 +187,14 @@ def candidates(neighbours: Neighbours, played: np.ndarray, weights: np.ndarray) 
     """The neighbours of the played rows, each scored by the weighted sum of its similarities."""
     if not len(played):
         return Candidates.empty()
-    reached = neighbours.rows[played].astype(np.int64)  # (plays, k)
-    weighted = neighbours.scores[played].astype(np.float64) * weights[:, None]
-    valid = reached >= 0
-    flat, contribution = reached[valid], weighted[valid]
-    anchor = np.broadcast_to(played[:, None], reached.shape)[valid]
-    rows, inverse = np.unique(flat, return_inverse=True)
-    scores = np.bincount(inverse, contribution, minlength=len(rows))
-    # The anchor of each row: the play with the largest contribution to it.
-    order = np.lexsort((-contribution, inverse))
-    firsts = order[np.searchsorted(inverse[order], np.arange(len(rows)))]
-    return Candidates(rows, scores, anchor[firsts])
+    reached = neighbours.rows[played].ravel()
+    weighted = (neighbours.scores[played] * weights[:, None]).ravel()
+    order = np.argsort(reached, kind="stable")
+    reached, weighted = reached[order], weighted[order]
+    first = np.flatnonzero(np.diff(reached, prepend=-2))  # where each row's entries begin
+    rows, scores = reached[first].astype(np.int64), np.add.reduceat(weighted, first)
+    start = int(rows[0] < 0) if len(rows) else 0  # the -1 padding sorts first
+    return Candidates(rows[start:], scores[start:], neighbours, played, weights)
 
 
 def blend(vector: np.ndarray, neighbour: np.ndarray,

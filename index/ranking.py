@@ -36,10 +36,9 @@ class RankingConfig:
     popularity_blend: float = 0.5  # weight of recent plays against batch popularity
     new_release_years: int = 2
     retrieval: str = BLEND  # when a request does not say
-    blend_weight: float = 0.5  # of the neighbours' scores against the vector's
+    blend_weight: float = 0.6  # of the neighbours' scores against the vector's
     recent_plays: int = 20  # whose neighbours are candidates
     recent_half_life_plays: float = 3.0  # recency weight 0.5 ** (position / this)
-    vector_candidates: int = 50  # taken from the ANN search to blend
     neighbour_candidates: int = 200  # best neighbours taken to blend
 
     def __post_init__(self) -> None:
@@ -47,7 +46,7 @@ class RankingConfig:
             raise ValueError(f"retrieval must be one of {RETRIEVALS}, got {self.retrieval!r}")
         if not 0.0 <= self.blend_weight <= 1.0:
             raise ValueError(f"blend_weight must be in [0, 1], got {self.blend_weight}")
-        if min(self.recent_plays, self.vector_candidates, self.neighbour_candidates) < 1 \
+        if min(self.recent_plays, self.neighbour_candidates) < 1 \
                 or self.recent_half_life_plays < 0:
             raise ValueError("recent_plays and the candidate counts must be >= 1, "
                              "recent_half_life_plays >= 0")
@@ -140,8 +139,7 @@ class Ranker:
         """Retrieval over `live` with this ranker's tuning."""
         c = self.config
         return Retriever(live=live, brute_force_below=c.brute_force_below,
-                         blend_weight=c.blend_weight, vector_candidates=c.vector_candidates,
-                         neighbour_candidates=c.neighbour_candidates)
+                         blend_weight=c.blend_weight, neighbour_candidates=c.neighbour_candidates)
 
     def recommend(self, user_id: str, k: int, spec: ItemFilter, include_watched: bool,
                   retrieval: str | None = None) -> Ranking:

@@ -59,7 +59,6 @@ class Retriever:
     live: LiveCatalog
     brute_force_below: int
     blend_weight: float
-    vector_candidates: int
     neighbour_candidates: int
 
     def personal(self, query: Query, k: int, allowed: np.ndarray | None) -> list[Scored]:
@@ -72,41 +71,49 @@ class Retriever:
             return self._named(query, found, [False] * len(found))
         if not use_vector:
             order = np.argsort(-neighbours.scores, kind="stable")[:k]
-            found = [Scored(int(neighbours.rows[i]), float(neighbours.scores[i]), WATCHED,
-                            int(neighbours.anchors[i])) for i in order]
+            anchors = neighbours.anchors(neighbours.rows[order]).tolist()
+            found = [Scored(int(neighbours.rows[i]), float(neighbours.scores[i]), WATCHED, a)
+                     for i, a in zip(order.tolist(), anchors, strict=True)]
             return self._named(query, found, [True] * len(found)) + \
                 self._fill(k - len(found), allowed, found)
         assert query.vector is not None
         return self._blended(query, query.vector, neighbours, k, allowed)
 
     def _neighbours(self, query: Query, allowed: np.ndarray | None) -> Candidates:
+        """The neighbours of the played items that the bitmap allows, the best few."""
         table = self.live.catalog.neighbours
         if query.retrieval == VECTOR or table is None or not len(query.played):
             return Candidates.empty()
         found = candidates(table, query.played, query.weights)
-        keep = allows_rows(allowed, found.rows) if allowed is not None else \
-            np.ones(len(found.rows), bool)
-        if keep.sum() > self.neighbour_candidates:
-            best = np.argsort(-np.where(keep, found.scores, -np.inf), kind="stable")
-            keep[best[self.neighbour_candidates:]] = False
-        return Candidates(found.rows[keep], found.scores[keep], found.anchors[keep])
+        if allowed is not None:
+            found = found.where(allows_rows(allowed, found.rows))
+        if len(found.rows) > self.neighbour_candidates:
+            best = np.argpartition(-found.scores, self.neighbour_candidates)
+            keep = np.zeros(len(found.rows), bool)
+            keep[best[:self.neighbour_candidates]] = True
+            found = found.where(keep)
+        return found
 
     def _blended(self, query: Query, vector: np.ndarray, neighbours: Candidates, k: int,
                  allowed: np.ndarray | None) -> list[Scored]:
-        """Both sources' candidates, each scored by both, on one scale, mixed."""
-        ann = self.search(vector, max(k, self.vector_candidates), allowed)
+        """Both sources' candidates, each scored by both, on one scale, mixed.
+
+        The ANN's top k suffice from the vector side: an item outside the neighbours has
+        only its vector score, so no item outside both sets can beat them.
+        """
+        ann = self.search(vector, k, allowed)
         rows = np.union1d(np.fromiter((s.row for s in ann), np.int64, len(ann)),
                           neighbours.rows)
         by_vector = np.asarray(self.live.catalog.item_factors[rows], np.float32) @ vector
-        by_neighbours = neighbours.score_of(rows)
-        mixed, from_neighbours = blend(by_vector, by_neighbours, self.blend_weight)
+        mixed, from_neighbours = blend(by_vector, neighbours.score_of(rows), self.blend_weight)
         top = np.argsort(-mixed, kind="stable")[:k]
-        at = np.searchsorted(neighbours.rows, rows[top])
-        similar = (2 * from_neighbours[top] > mixed[top]).tolist()
-        found = [Scored(int(rows[t]), float(mixed[t]), WATCHED if s else TASTE,
-                        int(neighbours.anchors[a]) if s else -1)
-                 for t, a, s in zip(top.tolist(), at.tolist(), similar, strict=True)]
-        return self._named(query, found, similar)
+        similar = 2 * from_neighbours[top] > mixed[top]
+        anchors = np.full(len(top), -1, np.int64)
+        if similar.any():
+            anchors[similar] = neighbours.anchors(rows[top[similar]])
+        found = [Scored(int(rows[t]), float(mixed[t]), WATCHED if a >= 0 else TASTE, int(a))
+                 for t, a in zip(top.tolist(), anchors.tolist(), strict=True)]
+        return self._named(query, found, similar.tolist())
 
     @staticmethod
     def _named(query: Query, found: list[Scored], similar: list[bool]) -> list[Scored]:

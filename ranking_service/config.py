@@ -35,7 +35,6 @@ class Settings(ServerSettings):
         "help": "weight of the neighbours' scores against the vector's, in [0, 1]"})
     recent_plays: int = RankingConfig.recent_plays
     recent_half_life_plays: float = RankingConfig.recent_half_life_plays
-    vector_candidates: int = RankingConfig.vector_candidates
     neighbour_candidates: int = RankingConfig.neighbour_candidates
     max_log_wait_s: float = field(default=2.0, metadata={
         "help": "log mode: longest wait for a request's min_log_sequence"})

@@ -26,7 +26,7 @@ def _as_dict(table: Neighbours, row: int) -> dict[int, float]:
 def test_scores_are_the_cosine_of_co_occurrence_over_distinct_plays() -> None:
     # A: 0 1 2 (and 0 again), B: 0 1, C: 2 3. Played by: 0: 2, 1: 2, 2: 2, 3: 1 users.
     table = _log([(0, 0, 1), (0, 1, 2), (0, 2, 3), (0, 0, 4), (1, 0, 1), (1, 1, 2),
-                  (2, 2, 1), (2, 3, 2)], 5, k=3)
+                  (2, 2, 1), (2, 3, 2)], 5, k=3, window=0)
     assert _as_dict(table, 0) == {1: 1.0, 2: 0.5}
     assert _as_dict(table, 2) == {3: round(1 / np.sqrt(2), 6), 0: 0.5, 1: 0.5}
     assert list(table.rows[2]) == [3, 0, 1]  # best first, ties to the lower row
@@ -63,7 +63,7 @@ def test_candidates_sum_weighted_similarities_and_name_the_strongest_play() -> N
     found = candidates(table, np.array([0, 1]), np.array([1.0, 0.5]))
     assert found.rows.tolist() == [1, 2]
     assert np.allclose(found.scores, [0.9, 0.3 + 0.4])
-    assert found.anchors.tolist() == [0, 1]  # 2 owes 0.4 to play 1, 0.3 to play 0
+    assert found.anchors(found.rows).tolist() == [0, 1]  # 2 owes 0.4 to play 1, 0.3 to play 0
     assert found.score_of(np.array([2, 0, 1])).tolist() == pytest.approx([0.7, 0.0, 0.9])
     empty = candidates(table, np.zeros(0, np.int64), np.zeros(0))
     assert len(empty.rows) == 0 and empty.score_of(np.array([1])).tolist() == [0.0]
