@@ -44,7 +44,8 @@ class CatalogSnapshot:
                  neighbours: Neighbours | None = None) -> None:
         self.path = path
         self.manifest = manifest
-        self.item_factors = factors
+        # A plain view (of the mapped pages, if mapped): row gathers skip np.memmap's overhead.
+        self.item_factors: np.ndarray = np.asarray(factors)
         self.index = index
         self.item_ids = item_ids
         self.titles = titles

@@ -155,12 +155,19 @@ class Candidates:
         return Candidates(self.rows[keep], self.scores[keep], self.table, self.played,
                           self.weights)
 
+    def _find(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        at = np.minimum(np.searchsorted(self.rows, rows), max(len(self.rows) - 1, 0))
+        found = self.rows[at] == rows if len(self.rows) else np.zeros(len(rows), bool)
+        return at, found
+
+    def contains(self, rows: np.ndarray) -> np.ndarray:
+        """Boolean mask: is each of `rows` a candidate."""
+        return self._find(rows)[1]
+
     def score_of(self, rows: np.ndarray) -> np.ndarray:
         """The candidates' scores at `rows` (0 for a row not among them)."""
-        if not len(self.rows):
-            return np.zeros(len(rows))
-        at = np.minimum(np.searchsorted(self.rows, rows), len(self.rows) - 1)
-        return np.where(self.rows[at] == rows, self.scores[at], 0.0)
+        at, found = self._find(rows)
+        return np.where(found, self.scores[at], 0.0) if len(self.rows) else np.zeros(len(rows))
 
     def anchors(self, rows: np.ndarray) -> np.ndarray:
         """For each of `rows` (candidates), the played row that contributed most to it."""

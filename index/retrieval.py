@@ -101,10 +101,9 @@ class Retriever:
         The ANN's top k suffice from the vector side: an item outside the neighbours has
         only its vector score, so no item outside both sets can beat them.
         """
-        ann = self.search(vector, k, allowed)
-        rows = np.union1d(np.fromiter((s.row for s in ann), np.int64, len(ann)),
-                          neighbours.rows)
-        by_vector = np.asarray(self.live.catalog.item_factors[rows], np.float32) @ vector
+        ann = np.fromiter((s.row for s in self.search(vector, k, allowed)), np.int64)
+        rows = np.concatenate([neighbours.rows, ann[~neighbours.contains(ann)]])
+        by_vector = self.live.catalog.item_factors[rows] @ vector
         mixed, from_neighbours = blend(by_vector, neighbours.score_of(rows), self.blend_weight)
         top = np.argsort(-mixed, kind="stable")[:k]
         similar = 2 * from_neighbours[top] > mixed[top]

@@ -7,7 +7,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -21,19 +21,14 @@ from index.filters import ItemFilter
 from index.ranking import PERSONALIZED, Ranker
 from index.retrieval import (
     BLEND,
-    LIKE,
     NEIGHBOURS,
-    POPULAR,
-    TASTE,
-    TRENDING,
     VECTOR,
-    WATCHED,
-    Scored,
 )
 from index.snapshot import VERSION_PATTERN, SnapshotError
 from index.store import UserStore
 from ranking_service.config import Settings
 from ranking_service.metrics import RankingMetrics
+from ranking_service.responses import add_ranking_service, encoder
 from recsys.v1 import catalog_pb2, catalog_pb2_grpc, ranking_pb2, ranking_pb2_grpc
 from rpc.errors import remaining
 from rpc.server import Service, assemble
@@ -45,11 +40,6 @@ SOURCES = {PERSONALIZED: ranking_pb2.PERSONALIZED}
 RETRIEVALS: dict[int, str | None] = {
     ranking_pb2.RETRIEVAL_UNSPECIFIED: None, ranking_pb2.RETRIEVAL_BLEND: BLEND,
     ranking_pb2.RETRIEVAL_VECTOR: VECTOR, ranking_pb2.RETRIEVAL_NEIGHBOURS: NEIGHBOURS}
-Kind = ranking_pb2.Reason
-REASONS = {TASTE: (Kind.TASTE, "Matches your taste"),
-           WATCHED: (Kind.SIMILAR_TO_WATCHED, "Because you watched {}"),
-           LIKE: (Kind.SIMILAR_TO_ITEM, "Like {}"),
-           POPULAR: (Kind.POPULAR, "Popular"), TRENDING: (Kind.TRENDING, "Trending now")}
 T = TypeVar("T")
 # Who may call what when auth is on (rpc.security): only admins reload the catalog.
 POLICY = {f"/{service}/{method}": role for service, method, role in (
@@ -70,24 +60,6 @@ def to_retrieval(value: int) -> str | None:
         raise InvalidArgument(f"unknown retrieval {value}; one of "
                               f"{sorted(ranking_pb2.Retrieval.keys())}")
     return RETRIEVALS[value]
-
-
-def to_reason(catalog: CatalogSnapshot, scored: Scored) -> ranking_pb2.Reason:
-    """The Reason message of a ranked item."""
-    kind, text = REASONS[scored.reason]
-    if scored.anchor < 0:
-        return ranking_pb2.Reason(kind=kind, text=text)
-    title = catalog.titles[scored.anchor]
-    return ranking_pb2.Reason(kind=kind, item_id=catalog.item_ids[scored.anchor],
-                              item_title=title, text=text.format(title))
-
-
-def to_items(catalog: CatalogSnapshot, scored: Sequence[Scored]) -> list[ranking_pb2.ScoredItem]:
-    """ScoredItem messages with the catalog's metadata and each item's reason."""
-    return [ranking_pb2.ScoredItem(item_id=catalog.item_ids[s.row], score=s.score,
-                                   title=catalog.titles[s.row], genres=catalog.genres_of(s.row),
-                                   year=int(catalog.years[s.row]),
-                                   reason=to_reason(catalog, s)) for s in scored]
 
 
 class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
@@ -131,7 +103,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                               "retry")
 
     def Recommend(self, request: ranking_pb2.RecommendRequest, context: grpc.ServicerContext
-                  ) -> ranking_pb2.RecommendResponse:
+                  ) -> bytes:  # an encoded RecommendResponse
         self._check("user_id", request.user_id, request.k)
         self._read_your_write(request.user_id, request.min_log_sequence, context)
         retrieval = to_retrieval(request.retrieval)
@@ -139,32 +111,27 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             request.user_id, request.k, to_filter(request.filter), request.include_watched,
             retrieval))
         self.metrics.responses.labels(ranking.source).inc()
-        return ranking_pb2.RecommendResponse(
-            items=to_items(ranking.catalog, ranking.items),
-            source=SOURCES.get(ranking.source, ranking_pb2.POPULAR),
-            user_version=ranking.user_version, model_version=ranking.catalog.model_version)
+        return encoder(ranking.catalog).recommend(
+            ranking.items, SOURCES.get(ranking.source, ranking_pb2.POPULAR), ranking.user_version)
 
     def SimilarItems(self, request: ranking_pb2.SimilarItemsRequest,
-                     context: grpc.ServicerContext) -> ranking_pb2.SimilarItemsResponse:
+                     context: grpc.ServicerContext) -> bytes:
         self._check("item_id", request.item_id, request.k)
         retrieval = to_retrieval(request.retrieval)
         items, catalog = self._timed("SimilarItems", lambda: self.ranker.similar(
             request.item_id, request.k, to_filter(request.filter), retrieval))
-        return ranking_pb2.SimilarItemsResponse(items=to_items(catalog, items),
-                                                model_version=catalog.model_version)
+        return encoder(catalog).similar(items)
 
     def HomePage(self, request: ranking_pb2.HomePageRequest, context: grpc.ServicerContext
-                 ) -> ranking_pb2.HomePageResponse:
+                 ) -> bytes:
         self._check("user_id", request.user_id, request.k_per_row)
         self._read_your_write(request.user_id, request.min_log_sequence, context)
         retrieval = to_retrieval(request.retrieval)
         rows, version, catalog = self._timed("HomePage", lambda: self.ranker.home(
             request.user_id, request.k_per_row, to_filter(request.filter), retrieval))
-        return ranking_pb2.HomePageResponse(
-            rows=[ranking_pb2.Row(id=r.id, title=r.title, items=to_items(catalog, r.items),
-                                  source=SOURCES.get(r.source, ranking_pb2.POPULAR))
-                  for r in rows],
-            user_version=version, model_version=catalog.model_version)
+        return encoder(catalog).home(
+            [(r.id, r.title, r.items, SOURCES.get(r.source, ranking_pb2.POPULAR)) for r in rows],
+            version)
 
 
 def catalog_info(catalog: CatalogSnapshot) -> catalog_pb2.CatalogInfo:
@@ -275,8 +242,7 @@ def open_deps(settings: Settings) -> Deps:
 def create_server(settings: Settings, deps: Deps) -> tuple[Service, int]:
     """Build and start the server on settings.host:port; returns it and the bound port."""
     def add(server: grpc.Server) -> None:
-        ranking_pb2_grpc.add_RankingServiceServicer_to_server(
-            RankingServicer(settings, deps.ranker, deps.metrics), server)
+        add_ranking_service(RankingServicer(settings, deps.ranker, deps.metrics), server)
         catalog_pb2_grpc.add_CatalogServiceServicer_to_server(
             CatalogServicer(deps.ranker, deps.metrics), server)
 

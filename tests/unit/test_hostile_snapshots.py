@@ -49,7 +49,8 @@ from index.snapshot import (
     TITLES_FILE,
     SnapshotError,
 )
-from ranking_service.server import catalog_info, to_items
+from ranking_service.responses import Encoder
+from ranking_service.server import catalog_info
 from tests.conftest import record_of
 
 VERSION = "small-v1"
@@ -127,7 +128,8 @@ def _servable(catalog: CatalogSnapshot) -> None:
     assert vector.shape == (catalog.dim,)
     # The ranking service puts these into CatalogInfo and ScoredItem messages.
     catalog_info(catalog)
-    to_items(catalog, [Scored(row, 1.0) for row in (0, len(catalog) - 1)])
+    Encoder(catalog).recommend([Scored(row, 1.0, "similar_to_watched", 0)
+                                for row in (0, len(catalog) - 1)], 1, 1)
     if catalog.index is not None:
         catalog.search(np.asarray(catalog.item_factors[0], np.float32), 5)
     if catalog.neighbours is not None:

@@ -1,0 +1,135 @@
+"""Responses joined from bytes: each item's fixed fields are encoded once per snapshot.
+
+A ScoredItem is its item's id, title, genres and year (the same in every response of a
+snapshot), a score and a reason. A protobuf message is a concatenation of its fields, so
+an item's fixed part is encoded once (lazily, per snapshot), a reason once per kind and
+anchor, and a response is joined from those and each score's 5 bytes. Building ~10
+messages per call with the message API cost ~35 µs of a ~0.25 ms handler (`make bench`
+profile); joining costs a few. The bytes parse as the generated messages (tested against
+the message API) and go out unchanged (`add_ranking_service`).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Sequence
+from typing import Any
+from weakref import WeakKeyDictionary
+
+import grpc
+
+from index.catalog import CatalogSnapshot
+from index.retrieval import LIKE, POPULAR, TASTE, TRENDING, WATCHED, Scored
+from recsys.v1 import ranking_pb2
+
+SERVICE = "recsys.v1.RankingService"
+Kind = ranking_pb2.Reason
+REASONS = {TASTE: (Kind.TASTE, "Matches your taste"),
+           WATCHED: (Kind.SIMILAR_TO_WATCHED, "Because you watched {}"),
+           LIKE: (Kind.SIMILAR_TO_ITEM, "Like {}"),
+           POPULAR: (Kind.POPULAR, "Popular"), TRENDING: (Kind.TRENDING, "Trending now")}
+_SCORE = b"\x15"  # ScoredItem.score: field 2, 32-bit
+_FLOAT = struct.Struct("<f")
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited field."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _number(number: int, value: int) -> bytes:
+    """A varint field (enums, counts)."""
+    return _varint(number << 3) + _varint(value)
+
+
+def to_reason(catalog: CatalogSnapshot, scored: Scored) -> ranking_pb2.Reason:
+    """The Reason message of a ranked item."""
+    kind, text = REASONS[scored.reason]
+    if scored.anchor < 0:
+        return ranking_pb2.Reason(kind=kind, text=text)
+    title = catalog.titles[scored.anchor]
+    return ranking_pb2.Reason(kind=kind, item_id=catalog.item_ids[scored.anchor],
+                              item_title=title, text=text.format(title))
+
+
+class Encoder:
+    """Encodes the responses of one snapshot, caching each item's and reason's bytes."""
+
+    def __init__(self, catalog: CatalogSnapshot) -> None:
+        self.catalog = catalog
+        self._items: dict[int, bytes] = {}
+        self._reasons: dict[tuple[str, int], bytes] = {}
+        self._model_version = catalog.model_version.encode()
+
+    def items(self, number: int, scored: Sequence[Scored]) -> bytes:
+        """The items as repeated field `number` of a message."""
+        return b"".join(_field(number, self._item(s)) for s in scored)
+
+    def _item(self, s: Scored) -> bytes:
+        fixed = self._items.get(s.row)
+        if fixed is None:
+            catalog = self.catalog
+            fixed = self._items[s.row] = ranking_pb2.ScoredItem(
+                item_id=catalog.item_ids[s.row], title=catalog.titles[s.row],
+                genres=catalog.genres_of(s.row), year=int(catalog.years[s.row]),
+            ).SerializeToString()
+        reason = self._reasons.get((s.reason, s.anchor))
+        if reason is None:
+            reason = self._reasons[(s.reason, s.anchor)] = _field(
+                6, to_reason(self.catalog, s).SerializeToString())
+        return fixed + _SCORE + _FLOAT.pack(s.score) + reason
+
+    def recommend(self, scored: Sequence[Scored], source: int, user_version: int) -> bytes:
+        """A RecommendResponse."""
+        return self.items(1, scored) + _number(2, source) + _number(3, user_version) + \
+            _field(4, self._model_version)
+
+    def similar(self, scored: Sequence[Scored]) -> bytes:
+        """A SimilarItemsResponse."""
+        return self.items(1, scored) + _field(2, self._model_version)
+
+    def home(self, rows: Sequence[tuple[str, str, Sequence[Scored], int]],
+             user_version: int) -> bytes:
+        """A HomePageResponse of (id, title, items, source) rows."""
+        encoded = [_field(1, _field(1, row_id.encode()) + _field(2, title.encode()) +
+                          self.items(3, items) + _number(4, source))
+                   for row_id, title, items, source in rows]
+        return b"".join(encoded) + _number(2, user_version) + _field(3, self._model_version)
+
+
+_ENCODERS: WeakKeyDictionary[CatalogSnapshot, Encoder] = WeakKeyDictionary()
+
+
+def encoder(catalog: CatalogSnapshot) -> Encoder:
+    """The encoder of a snapshot (made on first use; dropped with the snapshot)."""
+    found = _ENCODERS.get(catalog)
+    if found is None:
+        found = _ENCODERS.setdefault(catalog, Encoder(catalog))
+    return found
+
+
+def _as_bytes(response: Any) -> bytes:
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
+def add_ranking_service(servicer: Any, server: grpc.Server) -> None:
+    """Register the RankingService as the generated `add_RankingServiceServicer_to_server`
+    does, except that a handler may answer with the response already encoded."""
+    requests: dict[str, Callable[[bytes], Any]] = {
+        "Recommend": ranking_pb2.RecommendRequest.FromString,
+        "SimilarItems": ranking_pb2.SimilarItemsRequest.FromString,
+        "HomePage": ranking_pb2.HomePageRequest.FromString}
+    handlers = {name: grpc.unary_unary_rpc_method_handler(
+        getattr(servicer, name), request_deserializer=parse, response_serializer=_as_bytes)
+        for name, parse in requests.items()}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)

@@ -1,0 +1,66 @@
+"""Responses joined from cached bytes parse as the messages the message API builds."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from index.catalog import CatalogSnapshot
+from index.retrieval import LIKE, POPULAR, TASTE, TRENDING, WATCHED, Scored
+from ranking_service.responses import Encoder, encoder, to_reason
+from recsys.v1 import ranking_pb2
+
+
+def _message(catalog: CatalogSnapshot, s: Scored) -> ranking_pb2.ScoredItem:
+    return ranking_pb2.ScoredItem(item_id=catalog.item_ids[s.row], score=s.score,
+                                  title=catalog.titles[s.row], genres=catalog.genres_of(s.row),
+                                  year=int(catalog.years[s.row]), reason=to_reason(catalog, s))
+
+
+scored_items = st.builds(
+    lambda row, score, reason, anchor: Scored(row, score, reason,
+                                              anchor if reason in (WATCHED, LIKE) else -1),
+    st.integers(0, 1999), st.floats(-1e6, 1e6, width=32),
+    st.sampled_from([TASTE, WATCHED, LIKE, POPULAR, TRENDING]), st.integers(0, 1999))
+
+
+@settings(max_examples=200, deadline=None)
+@given(items=st.lists(scored_items, max_size=12), source=st.sampled_from([1, 2]),
+       version=st.integers(0, 2**64 - 1))
+def test_encoded_recommend_and_similar_equal_the_message_api(
+    catalog: CatalogSnapshot, items: list[Scored], source: int, version: int
+) -> None:
+    encode = encoder(catalog)
+    expected = ranking_pb2.RecommendResponse(
+        items=[_message(catalog, s) for s in items], source=source,  # type: ignore[arg-type]
+        user_version=version, model_version=catalog.model_version)
+    assert ranking_pb2.RecommendResponse.FromString(
+        encode.recommend(items, source, version)) == expected
+    assert ranking_pb2.SimilarItemsResponse.FromString(encode.similar(items)) == \
+        ranking_pb2.SimilarItemsResponse(items=expected.items,
+                                         model_version=catalog.model_version)
+
+
+@settings(max_examples=100, deadline=None)
+@given(rows=st.lists(st.tuples(st.text(max_size=20), st.text(max_size=40),
+                               st.lists(scored_items, max_size=5), st.sampled_from([1, 2])),
+                     max_size=4), version=st.integers(0, 2**40))
+def test_encoded_home_page_equals_the_message_api(catalog: CatalogSnapshot,
+                                                  rows: list, version: int) -> None:
+    expected = ranking_pb2.HomePageResponse(
+        rows=[ranking_pb2.Row(id=i, title=t, items=[_message(catalog, s) for s in items],
+                              source=source) for i, t, items, source in rows],
+        user_version=version, model_version=catalog.model_version)
+    assert ranking_pb2.HomePageResponse.FromString(Encoder(catalog).home(rows, version)) == \
+        expected
+
+
+def test_one_encoder_per_snapshot(catalog: CatalogSnapshot) -> None:
+    assert encoder(catalog) is encoder(catalog)
+    reason = ranking_pb2.RecommendResponse.FromString(
+        encoder(catalog).recommend([Scored(3, 1.0, WATCHED, 5)], 1, 1)).items[0].reason
+    assert reason.item_id == catalog.item_ids[5]
+    assert reason.text == f"Because you watched {catalog.titles[5]}"
+    with pytest.raises(KeyError):
+        encoder(catalog).recommend([Scored(3, 1.0, "no-such-reason")], 1, 1)
