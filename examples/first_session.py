@@ -3,7 +3,9 @@
     .venv/bin/python examples/first_session.py [--user demo-user] [--items 50,172,181]
 
 Asks for a new user's recommendations (popular items: nothing is known yet), sends a few
-completed plays, and asks again: the list now follows what was just watched.
+completed plays, and asks again: the list now follows what was just watched, and each
+item says why it is there (similar to a named watched item, your taste, or popular).
+Then the home page rows, with the same reasons.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ def show(title: str, response: ranking_pb2.RecommendResponse) -> None:
     source = ranking_pb2.Source.Name(response.source)
     print(f"\n{title}  [{source}, user version {response.user_version}]")
     for item in response.items:
-        print(f"  {item.score:7.3f}  {item.title} ({item.year}) {', '.join(item.genres)}")
+        print(f"  {item.score:7.3f}  {item.title} ({item.year}) {', '.join(item.genres)}"
+              f"  <- {item.reason.text}")
 
 
 def main() -> None:
@@ -59,6 +62,11 @@ def main() -> None:
     print(f"\nWatched {len(watched)} items {watched}: {ack.accepted} accepted, "
           f"{ack.rejected} rejected")
     show(f"Recommendations right after ({elapsed_ms:.1f} ms from send to new list):", after)
+    page = ranking.HomePage(ranking_pb2.HomePageRequest(user_id=args.user, k_per_row=3))
+    for row in page.rows:
+        print(f"\n{row.title}")
+        for item in row.items:
+            print(f"  {item.title} ({item.year})  <- {item.reason.text}")
 
 
 if __name__ == "__main__":

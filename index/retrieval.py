@@ -7,7 +7,7 @@ played item (named by its row), or popularity/trending (the fallback).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import faiss
@@ -52,14 +52,16 @@ class Query:
     anchored: str | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class Retriever:
-    """Retrieval over one live catalog, with the ranker's tuning."""
+    """Retrieval over one live catalog, with the ranker's tuning; made per request (it keeps
+    each query's neighbours for the request's other rows)."""
 
     live: LiveCatalog
     brute_force_below: int
     blend_weight: float
     neighbour_candidates: int
+    _reached: dict[int, tuple[Query, Candidates]] = field(default_factory=dict)
 
     def personal(self, query: Query, k: int, allowed: np.ndarray | None) -> list[Scored]:
         """Top k for the query from its sources; popular items fill what they cannot."""
@@ -84,7 +86,11 @@ class Retriever:
         table = self.live.catalog.neighbours
         if query.retrieval == VECTOR or table is None or not len(query.played):
             return Candidates.empty()
-        found = candidates(table, query.played, query.weights)
+        kept = self._reached.get(id(query))
+        if kept is None:
+            kept = self._reached[id(query)] = (query, candidates(table, query.played,
+                                                                 query.weights))
+        found = kept[1]
         if allowed is not None:
             found = found.where(allows_rows(allowed, found.rows))
         if len(found.rows) > self.neighbour_candidates:
