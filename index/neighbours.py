@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 MAX_K = 1000
+_ENTRY_BITS = 22  # a query's (recent plays x k) entries, packed into its sort key
 _PAIR_CHUNK = 20_000_000  # pairs counted per pass, to bound memory on big logs
 
 
@@ -136,46 +137,38 @@ def _pair_counts(users: np.ndarray, items: np.ndarray, n_items: int,
 
 @dataclass(frozen=True)
 class Candidates:
-    """Items reached from a user's recent plays: rows (ascending) and their summed weighted
-    similarities; `anchors` finds the play behind a row (its reason)."""
+    """Items reached from a user's recent plays: rows (ascending), their summed weighted
+    similarities, and the played row behind each (its reason's anchor)."""
 
     rows: np.ndarray
     scores: np.ndarray
-    table: Neighbours | None = None
-    played: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    weights: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    anchors: np.ndarray
 
     @staticmethod
     def empty() -> Candidates:
         """No candidates."""
-        return Candidates(np.zeros(0, np.int64), np.zeros(0))
+        return Candidates(np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64))
 
-    def where(self, keep: np.ndarray) -> Candidates:
-        """The candidates selected by a boolean mask."""
-        return Candidates(self.rows[keep], self.scores[keep], self.table, self.played,
-                          self.weights)
+    def best(self, allowed: np.ndarray | None, n: int) -> Candidates:
+        """The n best candidates among those the `allowed` mask keeps (rows stay ascending)."""
+        scores = self.scores if allowed is None else np.where(allowed, self.scores, -1.0)
+        if len(scores) <= n:
+            keep = np.flatnonzero(scores >= 0)
+        else:
+            keep = np.sort(np.argpartition(-scores, n)[:n])
+            keep = keep[scores[keep] >= 0]
+        return Candidates(self.rows[keep], self.scores[keep], self.anchors[keep])
 
-    def _find(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def find(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Where each of `rows` is among the candidates, and whether it is one."""
         at = np.minimum(np.searchsorted(self.rows, rows), max(len(self.rows) - 1, 0))
         found = self.rows[at] == rows if len(self.rows) else np.zeros(len(rows), bool)
         return at, found
 
-    def contains(self, rows: np.ndarray) -> np.ndarray:
-        """Boolean mask: is each of `rows` a candidate."""
-        return self._find(rows)[1]
-
     def score_of(self, rows: np.ndarray) -> np.ndarray:
         """The candidates' scores at `rows` (0 for a row not among them)."""
-        at, found = self._find(rows)
+        at, found = self.find(rows)
         return np.where(found, self.scores[at], 0.0) if len(self.rows) else np.zeros(len(rows))
-
-    def anchors(self, rows: np.ndarray) -> np.ndarray:
-        """For each of `rows` (candidates), the played row that contributed most to it."""
-        assert self.table is not None
-        reached = self.table.rows[self.played]  # (plays, k)
-        hits = reached[None, :, :] == rows[:, None, None]  # (rows, plays, k)
-        contribution = (hits * self.table.scores[self.played][None]).sum(axis=2) * self.weights
-        return self.played[np.argmax(contribution, axis=1)]  # type: ignore[no-any-return]
 
 
 def recent_plays(rows: np.ndarray, last_at: np.ndarray, recent: int,
@@ -191,17 +184,26 @@ def recent_plays(rows: np.ndarray, last_at: np.ndarray, recent: int,
 
 
 def candidates(neighbours: Neighbours, played: np.ndarray, weights: np.ndarray) -> Candidates:
-    """The neighbours of the played rows, each scored by the weighted sum of its similarities."""
+    """The neighbours of the played rows, each scored by the weighted sum of its similarities,
+    with the play that contributed most to it (within 1/32,768 of the largest: its anchor)."""
     if not len(played):
         return Candidates.empty()
-    reached = neighbours.rows[played].ravel()
+    reached = neighbours.rows[played].ravel().astype(np.int64)
     weighted = (neighbours.scores[played] * weights[:, None]).ravel()
-    order = np.argsort(reached, kind="stable")
-    reached, weighted = reached[order], weighted[order]
+    if len(reached) >= 1 << _ENTRY_BITS:
+        raise ValueError(f"{len(reached)} neighbour entries; at most {(1 << _ENTRY_BITS) - 1}")
+    # One sort of (row, contribution rank, entry) packed in an int64 (several times faster
+    # than an argsort) groups each row's entries, its largest contribution first; the -1
+    # padding sorts first.
+    rank = np.rint((1 - weighted / max(float(weighted.max()), 1e-30)) * 32767).astype(np.int64)
+    keys = np.sort(reached << 37 | rank << _ENTRY_BITS | np.arange(len(reached)))
+    entry = keys & ((1 << _ENTRY_BITS) - 1)
+    reached, weighted = keys >> 37, weighted[entry]
     first = np.flatnonzero(np.diff(reached, prepend=-2))  # where each row's entries begin
-    rows, scores = reached[first].astype(np.int64), np.add.reduceat(weighted, first)
-    start = int(rows[0] < 0) if len(rows) else 0  # the -1 padding sorts first
-    return Candidates(rows[start:], scores[start:], neighbours, played, weights)
+    rows, scores = reached[first], np.add.reduceat(weighted, first)
+    anchors = played[entry[first] // neighbours.rows.shape[1]]
+    start = int(rows[0] < 0)
+    return Candidates(rows[start:], scores[start:], anchors[start:])
 
 
 def blend(vector: np.ndarray, neighbour: np.ndarray,

@@ -73,9 +73,8 @@ class Retriever:
             return self._named(query, found, [False] * len(found))
         if not use_vector:
             order = np.argsort(-neighbours.scores, kind="stable")[:k]
-            anchors = neighbours.anchors(neighbours.rows[order]).tolist()
-            found = [Scored(int(neighbours.rows[i]), float(neighbours.scores[i]), WATCHED, a)
-                     for i, a in zip(order.tolist(), anchors, strict=True)]
+            found = [Scored(int(neighbours.rows[i]), float(neighbours.scores[i]), WATCHED,
+                            int(neighbours.anchors[i])) for i in order.tolist()]
             return self._named(query, found, [True] * len(found)) + \
                 self._fill(k - len(found), allowed, found)
         assert query.vector is not None
@@ -91,14 +90,8 @@ class Retriever:
             kept = self._reached[id(query)] = (query, candidates(table, query.played,
                                                                  query.weights))
         found = kept[1]
-        if allowed is not None:
-            found = found.where(allows_rows(allowed, found.rows))
-        if len(found.rows) > self.neighbour_candidates:
-            best = np.argpartition(-found.scores, self.neighbour_candidates)
-            keep = np.zeros(len(found.rows), bool)
-            keep[best[:self.neighbour_candidates]] = True
-            found = found.where(keep)
-        return found
+        mask = None if allowed is None else allows_rows(allowed, found.rows)
+        return found.best(mask, self.neighbour_candidates)
 
     def _blended(self, query: Query, vector: np.ndarray, neighbours: Candidates, k: int,
                  allowed: np.ndarray | None) -> list[Scored]:
@@ -108,14 +101,14 @@ class Retriever:
         only its vector score, so no item outside both sets can beat them.
         """
         ann = np.fromiter((s.row for s in self.search(vector, k, allowed)), np.int64)
-        rows = np.concatenate([neighbours.rows, ann[~neighbours.contains(ann)]])
+        rows = np.concatenate([neighbours.rows, ann[~neighbours.find(ann)[1]]])
         by_vector = self.live.catalog.item_factors[rows] @ vector
         mixed, from_neighbours = blend(by_vector, neighbours.score_of(rows), self.blend_weight)
         top = np.argsort(-mixed, kind="stable")[:k]
-        similar = 2 * from_neighbours[top] > mixed[top]
-        anchors = np.full(len(top), -1, np.int64)
-        if similar.any():
-            anchors[similar] = neighbours.anchors(rows[top[similar]])
+        similar = (from_neighbours[top] > 0) & (2 * from_neighbours[top] > mixed[top])
+        # rows[:len(neighbours.rows)] are the neighbours, in their order
+        anchors = np.where(similar, neighbours.anchors[np.minimum(top, len(neighbours.rows) - 1)],
+                           -1) if len(neighbours.rows) else np.full(len(top), -1)
         found = [Scored(int(rows[t]), float(mixed[t]), WATCHED if a >= 0 else TASTE, int(a))
                  for t, a in zip(top.tolist(), anchors.tolist(), strict=True)]
         return self._named(query, found, similar.tolist())

@@ -63,8 +63,10 @@ def test_candidates_sum_weighted_similarities_and_name_the_strongest_play() -> N
     found = candidates(table, np.array([0, 1]), np.array([1.0, 0.5]))
     assert found.rows.tolist() == [1, 2]
     assert np.allclose(found.scores, [0.9, 0.3 + 0.4])
-    assert found.anchors(found.rows).tolist() == [0, 1]  # 2 owes 0.4 to play 1, 0.3 to play 0
+    assert found.anchors.tolist() == [0, 1]  # 2 owes 0.4 to play 1, 0.3 to play 0
     assert found.score_of(np.array([2, 0, 1])).tolist() == pytest.approx([0.7, 0.0, 0.9])
+    assert found.best(np.array([True, False]), 5).rows.tolist() == [1]
+    assert found.best(None, 1).rows.tolist() == [1]
     empty = candidates(table, np.zeros(0, np.int64), np.zeros(0))
     assert len(empty.rows) == 0 and empty.score_of(np.array([1])).tolist() == [0.0]
 
