@@ -175,30 +175,33 @@ class Ranker:
         catalog = live.catalog
         record = self._user(catalog, user_id)
         query = self._query(catalog, record, retrieval)
-        shown = self._watched(record) if record else []
-        base = live.filters.bitmap(spec)  # each row copies it before clearing shown items
+        # What is left to show: the filter's items, less the watched ones and (as the rows
+        # fill) those shown in an earlier row. One private bitmap, cleared in place.
+        left = self._without(live, live.filters.bitmap(spec), [] if record is None else
+                             self._watched(record), always_copy=True)
+        assert left is not None
         retrieve = self.retriever(live)
         rows: list[Row] = []
 
-        def add(row_id: str, title: str, allowed: np.ndarray | None, of: Query | None,
+        def add(row_id: str, title: str, of: Query | None, within: np.ndarray | None = None,
                 trending: bool = False) -> None:
-            allowed = self._without(live, allowed, shown)
+            allowed = left if within is None else within & left
             items = retrieve.personal(of, k, allowed) if of is not None else \
                 retrieve.popular(k, allowed, by_trending=trending)
             if items:
                 rows.append(Row(row_id, title, items, PERSONALIZED if of else POPULAR))
-                shown.extend(s.row for s in items)
+                clear(left, [s.row for s in items])
 
         if query is not None:
             last = int(query.played[0])
             add("because_you_watched", f"Because you watched {catalog.titles[last]}",
-                base, self._item_query(catalog, last, retrieval, WATCHED))
-        add("top_picks", "Top picks for you", base, query)
+                self._item_query(catalog, last, retrieval, WATCHED))
+        add("top_picks", "Top picks for you", query)
         recent_from = max(spec.min_year, live.filters.last_year - self.config.new_release_years)
         if not spec.max_year or spec.max_year >= recent_from:  # else the filter excludes them
             new_spec = ItemFilter(spec.genres_any, spec.genres_none, recent_from, spec.max_year)
-            add("new_releases", "New releases for you", live.filters.bitmap(new_spec), query)
-        add("trending", "Trending now", base, None, trending=True)
+            add("new_releases", "New releases for you", query, live.filters.bitmap(new_spec))
+        add("trending", "Trending now", None, trending=True)
         return rows, record.version if record else 0, catalog
 
     # -- internals -----------------------------------------------------------------------
@@ -247,9 +250,10 @@ class Ranker:
         return record.rows[record.rows >= 0].tolist()  # type: ignore[no-any-return]
 
     @staticmethod
-    def _without(live: LiveCatalog, allowed: np.ndarray | None,
-                 rows: list[int]) -> np.ndarray | None:
-        if not rows:
+    def _without(live: LiveCatalog, allowed: np.ndarray | None, rows: list[int],
+                 always_copy: bool = False) -> np.ndarray | None:
+        """`allowed` (None: every item) less `rows`, as a new bitmap (or None, unchanged)."""
+        if not rows and not always_copy:
             return allowed
         allowed = live.filters.all.copy() if allowed is None else allowed.copy()
         clear(allowed, rows)

@@ -111,7 +111,8 @@ def _new_server(settings: ServerSettings, policy: dict[str, str],
     interceptors.append(ErrorBoundary([settings.data_dir]))
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.max_workers,
-                                   thread_name_prefix="freshrec-rpc"),
+                                   thread_name_prefix="freshrec-rpc",
+                                   initializer=faiss.omp_set_num_threads, initargs=(1,)),
         interceptors=interceptors,
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs,
         options=[("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -137,7 +138,8 @@ def pin_native_threads() -> None:
 
     Parallelism comes from concurrent requests (FAISS releases the GIL) and from batching
     users in the writer; native threads inside one call only spin against the gRPC
-    threads on a 2-core machine.
+    threads on a 2-core machine. (OpenMP's setting is per thread: the gRPC pool threads
+    set their own as they start.)
     """
     faiss.omp_set_num_threads(1)
     threadpool_limits(1, "blas")
