@@ -25,6 +25,7 @@ from index.store import UserStore
 from index.user_record import UserRecord
 
 PERSONALIZED, POPULAR = "personalized", "popular"
+MAX_RECENT = 4096  # recent plays x up to 1,000 neighbours must fit a query's sort keys
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,10 +47,10 @@ class RankingConfig:
             raise ValueError(f"retrieval must be one of {RETRIEVALS}, got {self.retrieval!r}")
         if not 0.0 <= self.blend_weight <= 1.0:
             raise ValueError(f"blend_weight must be in [0, 1], got {self.blend_weight}")
-        if min(self.recent_plays, self.neighbour_candidates) < 1 \
+        if not 1 <= self.recent_plays <= MAX_RECENT or self.neighbour_candidates < 1 \
                 or self.recent_half_life_plays < 0:
-            raise ValueError("recent_plays and the candidate counts must be >= 1, "
-                             "recent_half_life_plays >= 0")
+            raise ValueError(f"recent_plays must be in [1, {MAX_RECENT}], "
+                             "neighbour_candidates >= 1, recent_half_life_plays >= 0")
 
 
 @dataclass(frozen=True)

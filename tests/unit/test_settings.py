@@ -37,6 +37,15 @@ def test_bad_settings_are_refused() -> None:
         RankingSettings(data_dir=Path("d"), port=0, workers=2)
     with pytest.raises(ValueError, match="mutual TLS"):
         RankingSettings(data_dir=Path("d"), tls_client_ca="ca.pem")
+    for bad, match in (({"retrieval": "magic"}, "retrieval must be one of"),
+                       ({"blend_weight": 1.5}, "blend_weight must be in"),
+                       ({"recent_plays": 0}, "recent_plays must be in"),
+                       ({"recent_plays": 5000}, "recent_plays must be in"),
+                       ({"recent_half_life_plays": -1.0}, "recent_half_life_plays >= 0")):
+        with pytest.raises(ValueError, match=match):
+            RankingSettings(data_dir=Path("d"), **bad)  # type: ignore[arg-type]
+    assert RankingSettings.from_args(["--data-dir", "d", "--retrieval", "vector",
+                                      "--blend-weight", "0.3"]).ranking.blend_weight == 0.3
 
 
 def test_tokens_file_parsing(tmp_path: Path) -> None:
