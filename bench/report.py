@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.load import RPCS
 from index.files import atomic_write
 
 
@@ -27,20 +28,24 @@ def _ms(stats: dict[str, Any]) -> str:
 def markdown(results: dict[str, Any]) -> str:
     """One table per topic, figures as measured (2 cores, loopback)."""
     echo = {r["clients"]: r for r in results["floor_grpc_echo"]}
-    lines = [f"Machine: {results['machine']['cpus']} cores. Latency p50 / p99 in ms.", "",
+    lines = [f"Machine: {results['machine']['cpus']} cores. Latency p50 / p99 in ms; x echo: "
+             "1-client p50 over the echo floor's, 16-client req/s as a share of its.", "",
              "| catalog | items | index | recall@10 | exact search (floor) | RPC | "
-             "1 client | 4 clients req/s | 16 clients req/s | 16 clients p50 / p99 | errors |",
-             "|---|---:|---|---:|---:|---|---:|---:|---:|---:|---|"]
+             "1 client | x echo | 4 clients req/s | 16 clients req/s | of echo | "
+             "16 clients p50 / p99 | errors |",
+             "|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, c in results["catalogs"].items():
-        for rpc in ("Recommend", "HomePage"):
+        for rpc in (r for r in RPCS if r in c):
             runs = {r["clients"]: r for r in c[rpc]}
             errors = sum(sum(r["errors"].values()) for r in c[rpc])
             lines.append(f"| {name} | {c['items']:,} | {c['index']} | {c['recall_at_10']} | "
                          f"{_ms(c['floor_exact_search'])} | {rpc} | {_ms(runs[1])} | "
+                         f"{runs[1]['p50_ms'] / echo[1]['p50_ms']:.2f} | "
                          f"{runs[4]['requests_per_s']:,} | {runs[16]['requests_per_s']:,} | "
+                         f"{runs[16]['requests_per_s'] / echo[16]['requests_per_s']:.0%} | "
                          f"{_ms(runs[16])} | {errors} |")
-    lines.append(f"| grpc echo (floor) | | | | | empty Recommend | {_ms(echo[1])} | "
-                 f"{echo[4]['requests_per_s']:,} | {echo[16]['requests_per_s']:,} | "
+    lines.append(f"| grpc echo (floor) | | | | | empty Recommend | {_ms(echo[1])} | 1.00 | "
+                 f"{echo[4]['requests_per_s']:,} | {echo[16]['requests_per_s']:,} | 100% | "
                  f"{_ms(echo[16])} | {sum(sum(r['errors'].values()) for r in echo.values())} |")
     lines += ["", "| catalog | ingest 500-event msgs ev/s | 1-event msgs ev/s | "
               "ack p50 / p99 @5k ev/s in 50s | @5k ev/s in 10s | @2k ev/s in 1s | "
@@ -82,7 +87,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     tput.plot([r["clients"] for r in echo], [r["requests_per_s"] for r in echo], "k--",
               label="grpc echo (floor)")
     for name, c in results["catalogs"].items():
-        for rpc in ("Recommend", "HomePage"):
+        for rpc in (r for r in RPCS if r in c):
             _cdf(cdf, c[rpc][0].get("_latencies", []), f"{name} {rpc}")
             tput.plot([r["clients"] for r in c[rpc]], [r["requests_per_s"] for r in c[rpc]],
                       marker="o", label=f"{name} {rpc}")

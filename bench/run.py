@@ -112,7 +112,7 @@ def measure(name: str, data_dir: Path, quick: bool, port: int) -> dict[str, Any]
         events, events_port = start_process("event_service", copy)
         target, events_target = f"127.0.0.1:{port}", f"127.0.0.1:{events_port}"
         try:
-            for rpc in ("Recommend", "HomePage"):
+            for rpc in load.RPCS:
                 result[rpc] = [stage(f"{rpc}, {n} clients",
                                      functools.partial(load.drive, target, rpc, users, n,
                                                        seconds)) for n in CLIENTS]

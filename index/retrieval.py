@@ -69,14 +69,12 @@ class Retriever:
         use_vector = query.vector is not None and query.retrieval != NEIGHBOURS
         if query.retrieval == VECTOR or (use_vector and not len(neighbours.rows)):
             assert query.vector is not None
-            found = self.search(query.vector, k, allowed)
-            return self._named(query, found, [False] * len(found))
+            return self._named(query, self.search(query.vector, k, allowed))
         if not use_vector:
             order = np.argsort(-neighbours.scores, kind="stable")[:k]
             found = [Scored(int(neighbours.rows[i]), float(neighbours.scores[i]), WATCHED,
                             int(neighbours.anchors[i])) for i in order.tolist()]
-            return self._named(query, found, [True] * len(found)) + \
-                self._fill(k - len(found), allowed, found)
+            return self._named(query, found) + self._fill(k - len(found), allowed, found)
         assert query.vector is not None
         return self._blended(query, query.vector, neighbours, k, allowed)
 
@@ -105,20 +103,20 @@ class Retriever:
         by_vector = self.live.catalog.item_factors[rows] @ vector
         mixed, from_neighbours = blend(by_vector, neighbours.score_of(rows), self.blend_weight)
         top = np.argsort(-mixed, kind="stable")[:k]
-        similar = (from_neighbours[top] > 0) & (2 * from_neighbours[top] > mixed[top])
-        # rows[:len(neighbours.rows)] are the neighbours, in their order
-        anchors = np.where(similar, neighbours.anchors[np.minimum(top, len(neighbours.rows) - 1)],
-                           -1) if len(neighbours.rows) else np.full(len(top), -1)
+        # rows[:len(neighbours.rows)] are the neighbours, in their order: an item is there
+        # for its similarity to a play when that part of its score is the larger.
+        similar = (top < len(neighbours.rows)) & (2 * from_neighbours[top] > mixed[top])
+        anchors = np.full(len(top), -1)
+        anchors[similar] = neighbours.anchors[top[similar]]
         found = [Scored(int(rows[t]), float(mixed[t]), WATCHED if a >= 0 else TASTE, int(a))
                  for t, a in zip(top.tolist(), anchors.tolist(), strict=True)]
-        return self._named(query, found, similar.tolist())
+        return self._named(query, found)
 
     @staticmethod
-    def _named(query: Query, found: list[Scored], similar: list[bool]) -> list[Scored]:
-        """The reasons: taste or similarity per item, or for an anchored query its reason."""
+    def _named(query: Query, found: list[Scored]) -> list[Scored]:
+        """An anchored query's items all get its reason, with the one played item."""
         if query.anchored is None:
-            return [s if sim else Scored(s.row, s.score, TASTE) for s, sim in
-                    zip(found, similar, strict=True)]
+            return found
         anchor = int(query.played[0])
         return [Scored(s.row, s.score, query.anchored, anchor) for s in found]
 
