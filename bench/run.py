@@ -32,7 +32,7 @@ from bench.services import start_process, stop
 from index import snapshots_dir, users_dir
 from index.catalog import CatalogSnapshot
 from index.files import atomic_write
-from index.snapshot import NEIGHBOURS_FILE
+from index.snapshot import NEIGHBOUR_FILES
 from index.store import UserStore
 from recsys.v1 import events_pb2_grpc
 
@@ -63,7 +63,7 @@ def prepared(name: str, root: Path) -> Path:
     data_dir = root / name
     current = snapshots_dir(data_dir) / "CURRENT"
     if not current.exists() or not (
-            snapshots_dir(data_dir) / current.read_text().strip() / NEIGHBOURS_FILE).exists():
+            snapshots_dir(data_dir) / current.read_text().strip() / NEIGHBOUR_FILES[0]).exists():
         shutil.rmtree(data_dir, ignore_errors=True)
         stage(f"building {name} (once)", lambda: subprocess.run(
             [sys.executable, "-m", "index", "build", *CATALOGS[name], "--data-dir",

@@ -18,7 +18,7 @@ from index.snapshot import (
     INDEX_FILE,
     ITEMS_FILE,
     MANIFEST,
-    NEIGHBOURS_FILE,
+    NEIGHBOUR_FILES,
     TITLES_FILE,
     VERSION_PATTERN,
     Manifest,
@@ -117,8 +117,9 @@ class CatalogSnapshot:
         """Load `version` (default: CURRENT) from snapshots dir `root`; SnapshotError if bad.
 
         `verify` checks every file's sha256 before FAISS parses it, since `read_index` on a
-        corrupt file can crash the interpreter. `mmap` shares index pages across processes;
-        `with_index=False` skips the FAISS index (the event service only folds in).
+        corrupt file can crash the interpreter. `mmap` shares index (and neighbour) pages
+        across processes; `with_index=False` skips the FAISS index and the neighbours (the
+        event service only folds in).
         """
         version = current_version(root) if version is None else version
         if not VERSION_PATTERN.fullmatch(version):
@@ -132,15 +133,15 @@ class CatalogSnapshot:
                                 f"does not match directory {version!r}")
         for name in manifest.files:
             _check_file(path / name, manifest.files[name], verify and
-                        (with_index or name != INDEX_FILE), root)
+                        (with_index or name not in (INDEX_FILE, *NEIGHBOUR_FILES)), root)
         factors = _load_factors(path / FACTORS_FILE, manifest, mmap)
         index = _load_index(path / INDEX_FILE, manifest, mmap) if with_index else None
         columns = _load_columns(path / ITEMS_FILE, manifest)
         item_ids = _load_lines(path / IDS_FILE, manifest)
         if len(set(item_ids)) != len(item_ids):
             raise SnapshotError(f"{path / IDS_FILE}: item ids are not unique")
-        neighbours = _load_neighbours(path / NEIGHBOURS_FILE, manifest) \
-            if NEIGHBOURS_FILE in manifest.files else None
+        neighbours = _load_neighbours(path, manifest, mmap) \
+            if with_index and NEIGHBOUR_FILES[0] in manifest.files else None
         return cls(path, manifest, factors, index, item_ids,
                    _load_lines(path / TITLES_FILE, manifest), columns, neighbours)
 
@@ -222,18 +223,23 @@ def _load_columns(file: Path, manifest: Manifest) -> dict[str, np.ndarray]:
     return columns
 
 
-def _load_neighbours(file: Path, manifest: Manifest) -> Neighbours:
-    try:
-        with np.load(file, allow_pickle=False) as npz:
-            neighbours = Neighbours(npz["rows"], npz["scores"], dict(manifest.neighbours))
-    except Exception as exc:  # bad zip, truncated member, missing array...
-        raise SnapshotError(f"{file}: unreadable neighbours: {exc!r}") from exc
+def _load_neighbours(path: Path, manifest: Manifest, mmap: bool) -> Neighbours:
+    files = dict(zip(("rows", "scores"), (path / name for name in NEIGHBOUR_FILES),
+                     strict=True))
+    arrays = {}
+    for which, file in files.items():
+        try:  # mapped (as the factors), so the serving processes share the pages
+            array = np.load(file, mmap_mode="r", allow_pickle=False)
+        except Exception as exc:
+            raise SnapshotError(f"{file}: unreadable neighbours: {exc!r}") from exc
+        arrays[which] = np.asarray(array) if mmap else np.array(array)
+    neighbours = Neighbours(arrays["rows"], arrays["scores"], dict(manifest.neighbours))
     problem = neighbours.check(manifest.item_count)
     if problem is None and neighbours.rows.shape[1] != manifest.neighbours.get("k"):
-        problem = f"{neighbours.rows.shape[1]} neighbours per item, manifest says " \
-                  f"{manifest.neighbours.get('k')}"
+        problem = "rows", f"{neighbours.rows.shape[1]} neighbours per item, manifest says " \
+                          f"{manifest.neighbours.get('k')}"
     if problem is not None:
-        raise SnapshotError(f"{file}: {problem}")
+        raise SnapshotError(f"{files[problem[0]]}: {problem[1]}")
     return neighbours
 
 

@@ -46,27 +46,28 @@ class Neighbours:
     scores: np.ndarray  # float32 (n_items, k), 0 where rows is -1
     params: dict[str, int] = field(default_factory=dict)  # how they were built
 
-    def check(self, n_items: int) -> str | None:
-        """What is wrong with these arrays for a catalog of n_items (None: nothing)."""
+    def check(self, n_items: int) -> tuple[str, str] | None:
+        """What is wrong with these arrays for a catalog of n_items, as ("rows" or "scores",
+        the problem); None: nothing."""
         rows, scores = self.rows, self.scores
-        if rows.dtype != np.int32 or scores.dtype != np.float32:
-            return f"rows/scores are {rows.dtype}/{scores.dtype}, expected int32/float32"
-        if rows.ndim != 2 or rows.shape[0] != n_items or scores.shape != rows.shape \
+        if rows.dtype != np.int32 or rows.ndim != 2 or rows.shape[0] != n_items \
                 or not 1 <= rows.shape[1] <= MAX_K:
-            return f"shape {rows.shape}/{scores.shape}, expected ({n_items}, k <= {MAX_K})"
+            return "rows", f"{rows.dtype} {rows.shape}, expected int32 ({n_items}, k <= {MAX_K})"
+        if scores.dtype != np.float32 or scores.shape != rows.shape:
+            return "scores", f"{scores.dtype} {scores.shape}, expected float32 {rows.shape}"
         if ((rows < -1) | (rows >= n_items)).any():
-            return "a neighbour row is outside the catalog"
+            return "rows", "a neighbour row is outside the catalog"
         if (rows == np.arange(n_items, dtype=np.int32)[:, None]).any():
-            return "an item is its own neighbour"
+            return "rows", "an item is its own neighbour"
         if (np.diff((rows < 0).view(np.int8), axis=1) < 0).any():
-            return "padding (-1) is not only at the end of a row"
-        if not np.isfinite(scores).all() or (scores < 0).any() or (scores > 1 + 1e-5).any():
-            return "scores are not in [0, 1]"
-        if (np.diff(scores, axis=1) > 1e-6).any() or (scores[rows < 0] != 0).any():
-            return "scores are not best first, or padding has a score"
+            return "rows", "padding (-1) is not only at the end of a row"
         sorted_rows = np.sort(np.where(rows < 0, -1 - np.arange(rows.shape[1]), rows), axis=1)
         if (np.diff(sorted_rows, axis=1) == 0).any():
-            return "an item has a neighbour twice"
+            return "rows", "an item has a neighbour twice"
+        if not np.isfinite(scores).all() or (scores < 0).any() or (scores > 1 + 1e-5).any():
+            return "scores", "scores are not in [0, 1]"
+        if (np.diff(scores, axis=1) > 1e-6).any() or (scores[rows < 0] != 0).any():
+            return "scores", "scores are not best first, or padding has a score"
         return None
 
 

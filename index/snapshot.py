@@ -37,9 +37,9 @@ INDEX_FILE = "index.faiss"
 ITEMS_FILE = "items.npz"
 IDS_FILE = "item_ids.txt"
 TITLES_FILE = "titles.txt"
-NEIGHBOURS_FILE = "neighbours.npz"
+NEIGHBOUR_FILES = ("neighbour_rows.npy", "neighbour_scores.npy")  # int32, float32 (n, k)
 DATA_FILES = (FACTORS_FILE, INDEX_FILE, ITEMS_FILE, IDS_FILE, TITLES_FILE)
-OPTIONAL_FILES = (NEIGHBOURS_FILE,)  # older snapshots have no neighbours
+OPTIONAL_FILES = NEIGHBOUR_FILES  # older snapshots have no neighbours
 VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MAX_ITEMS = 50_000_000
 MAX_DIM = 1024
@@ -150,7 +150,8 @@ def _manifest_checks(m: Manifest) -> list[tuple[bool, str]]:
         for f in m.files.values())
     neighbours_ok = isinstance(m.neighbours, dict) and all(
         isinstance(k, str) and _is(v, int) and 0 <= v < 1e6 for k, v in m.neighbours.items()) \
-        and (NEIGHBOURS_FILE in m.files) == bool(m.neighbours) if files_ok else True
+        and {n in m.files for n in NEIGHBOUR_FILES} == {bool(m.neighbours)} \
+        if files_ok else True
     als_ok = isinstance(m.als, dict) and all(
         _is(m.als.get(key), (int, float)) and 0 <= m.als[key] < 1e6
         for key in ("factors", "regularization", "alpha", "iterations")) and (
@@ -175,7 +176,7 @@ def _manifest_checks(m: Manifest) -> list[tuple[bool, str]]:
         (files_ok, f"files must give bytes and sha256 of each of {sorted(DATA_FILES)} "
                    f"(and optionally of {sorted(OPTIONAL_FILES)})"),
         (neighbours_ok, f"neighbours must map build parameters to integers, and be given "
-                        f"exactly when {NEIGHBOURS_FILE} is"),
+                        f"exactly when both of {list(NEIGHBOUR_FILES)} are"),
     ]
 
 
@@ -209,7 +210,7 @@ def write_snapshot(
     if item_factors.shape[0] != len(items) or popularity.shape != (len(items),):
         raise ValueError("item factors, items and popularity must have one row per item")
     if neighbours is not None and (problem := neighbours.check(len(items))):
-        raise ValueError(f"bad neighbours: {problem}")
+        raise ValueError(f"bad neighbour {problem[0]}: {problem[1]}")
     root.mkdir(parents=True, exist_ok=True)
     final = root / version
     if final.exists():
@@ -242,8 +243,9 @@ def _write_files(tmp: Path, version: str, item_factors: np.ndarray, items: ItemT
     _write_lines(tmp / TITLES_FILE, items.titles)
     names: tuple[str, ...] = DATA_FILES
     if neighbours is not None:
-        np.savez(tmp / NEIGHBOURS_FILE, rows=neighbours.rows, scores=neighbours.scores)
-        names = (*DATA_FILES, NEIGHBOURS_FILE)
+        np.save(tmp / NEIGHBOUR_FILES[0], neighbours.rows)
+        np.save(tmp / NEIGHBOUR_FILES[1], neighbours.scores)
+        names = (*DATA_FILES, *NEIGHBOUR_FILES)
     manifest = Manifest(
         model_version=version, dim=int(factors.shape[1]), item_count=len(items),
         index_type=spec.factory, search=dict(spec.search), als=als.as_dict(), genres=genres,

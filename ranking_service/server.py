@@ -19,11 +19,7 @@ from index.catalog import CatalogSnapshot
 from index.errors import InvalidArgument, Unavailable
 from index.filters import ItemFilter
 from index.ranking import PERSONALIZED, Ranker
-from index.retrieval import (
-    BLEND,
-    NEIGHBOURS,
-    VECTOR,
-)
+from index.retrieval import BLEND, NEIGHBOURS, VECTOR
 from index.snapshot import VERSION_PATTERN, SnapshotError
 from index.store import UserStore
 from ranking_service.config import Settings

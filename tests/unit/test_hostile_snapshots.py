@@ -45,7 +45,7 @@ from index.snapshot import (
     INDEX_FILE,
     ITEMS_FILE,
     MANIFEST,
-    NEIGHBOURS_FILE,
+    NEIGHBOUR_FILES,
     TITLES_FILE,
     SnapshotError,
 )
@@ -58,7 +58,8 @@ REPO = Path(__file__).resolve().parents[2]
 # How each service loads a snapshot: (name, keyword arguments of CatalogSnapshot.load).
 MODES = (("ranking", {"mmap": True}), ("tools", {}), ("events", {"with_index": False}))
 HYPOTHESIS_EXAMPLES = {"data files": 80, "manifest": 80}
-FILES = (*DATA_FILES, NEIGHBOURS_FILE)  # the session's snapshot has neighbours
+FILES = (*DATA_FILES, *NEIGHBOUR_FILES)  # the session's snapshot has neighbours
+ROWS, SCORES = NEIGHBOUR_FILES
 
 Damage = Callable[[Path], None]  # damages the version dir of a snapshots copy
 
@@ -220,7 +221,10 @@ def _cut_to(name: str, point: str, rewrite: bool) -> Damage:
 def _data_file_cases() -> list[Case]:
     cases = []
     for name in FILES:
-        binary = name in (FACTORS_FILE, ITEMS_FILE, INDEX_FILE, NEIGHBOURS_FILE)
+        binary = name in (FACTORS_FILE, ITEMS_FILE, INDEX_FILE, *NEIGHBOUR_FILES)
+        # Only the ranking side reads the index and the neighbours (the event service
+        # checks their sizes, not their contents).
+        readers = WITH_INDEX if name in (INDEX_FILE, *NEIGHBOUR_FILES) else ALL
         for point in ("empty", "1 byte", "half", "all but 1 byte"):
             cases.append(Case(f"{name} truncated to {point}, manifest as it was",
                               _cut_to(name, point, rewrite=False), name))
@@ -229,12 +233,12 @@ def _data_file_cases() -> list[Case]:
             strict = binary or point != "all but 1 byte"  # a text file may lose 1 char safely
             cases.append(Case(f"{name} truncated to {point}, checksums rewritten",
                               _cut_to(name, point, rewrite=True), name,
-                              ALL if strict else ()))
+                              readers if strict else ()))
         for i, where in enumerate(FLIP_OFFSETS):
             bit = (3 * i + 1) % 8
             label = f"{name} bit {bit} flipped at {where}"
             cases.append(Case(f"{label}, manifest as it was", _flip_at(name, where, bit, False),
-                              name, WITH_INDEX if name == INDEX_FILE else ALL))
+                              name, readers))
             if name != INDEX_FILE:
                 cases.append(Case(f"{label}, checksums rewritten",
                                   _flip_at(name, where, bit, True), name, ()))
@@ -359,12 +363,12 @@ SHAPE_CASES = [
 
 def _replace_neighbours(change: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]],
                         manifest_k: int | None = None) -> Damage:
-    """Rewrite neighbours.npz with (rows, scores) changed, checksums to match."""
+    """Rewrite the neighbour files with (rows, scores) changed, checksums to match."""
     def damage(version: Path) -> None:
-        with np.load(version / NEIGHBOURS_FILE) as npz:
-            rows, scores = change(npz["rows"].copy(), npz["scores"].copy())
-        np.savez(version / NEIGHBOURS_FILE, rows=rows, scores=scores)
-        _rewrite_checksums(version, NEIGHBOURS_FILE)
+        arrays = change(*(np.load(version / name) for name in NEIGHBOUR_FILES))
+        for name, array in zip(NEIGHBOUR_FILES, arrays, strict=True):
+            np.save(version / name, array)
+        _rewrite_checksums(version, *NEIGHBOUR_FILES)
         if manifest_k is not None:
             _set(("neighbours", "k"), manifest_k)(version)
     return damage
@@ -375,26 +379,27 @@ def _at(array: np.ndarray, where: tuple[int, int], value: Any) -> np.ndarray:
     return array
 
 
-NEIGHBOUR_CASES = [Case(f"neighbours: {label}", _replace_neighbours(change, k), NEIGHBOURS_FILE)
-                   for label, change, k in [
-    ("a row past the catalog", lambda r, s: (_at(r, (3, 0), 2_000), s), None),
-    ("a row below -1", lambda r, s: (_at(r, (3, 0), -7), s), None),
-    ("an item its own neighbour", lambda r, s: (_at(r, (3, 0), 3), s), None),
-    ("the same neighbour twice", lambda r, s: (_at(r, (3, 1), r[3, 0]), s), None),
-    ("padding in the middle", lambda r, s: (_at(r, (3, 1), -1), s), None),
-    ("a NaN score", lambda r, s: (r, _at(s, (3, 0), np.nan)), None),
-    ("a negative score", lambda r, s: (r, _at(s, (3, 0), -0.5)), None),
-    ("a score above 1", lambda r, s: (r, _at(s, (3, 0), 7.0)), None),
-    ("scores not best first", lambda r, s: (r, _at(s, (3, 1), s[3, 0] + 0.5)), None),
-    ("rows as int64", lambda r, s: (r.astype(np.int64), s), None),
-    ("scores as float64", lambda r, s: (r, s.astype(np.float64)), None),
-    ("rows as floats", lambda r, s: (r.astype(np.float32), s), None),
-    ("1,999 rows", lambda r, s: (r[:-1], s[:-1]), None),
-    ("rows 1-d", lambda r, s: (r.ravel(), s.ravel()), None),
-    ("scores of another shape", lambda r, s: (r, s[:, :-1]), None),
-    ("no neighbours per item", lambda r, s: (r[:, :0], s[:, :0]), 0),
-    ("k unlike the manifest's", lambda r, s: (r[:, :-1], s[:, :-1]), None),
-    ("rows empty", lambda r, s: (np.zeros(0, np.int32), s), None),
+NEIGHBOUR_CASES = [Case(f"neighbours: {label}", _replace_neighbours(change, k), file,
+                        WITH_INDEX)
+                   for label, change, k, file in [
+    ("a row past the catalog", lambda r, s: (_at(r, (3, 0), 2_000), s), None, ROWS),
+    ("a row below -1", lambda r, s: (_at(r, (3, 0), -7), s), None, ROWS),
+    ("an item its own neighbour", lambda r, s: (_at(r, (3, 0), 3), s), None, ROWS),
+    ("the same neighbour twice", lambda r, s: (_at(r, (3, 1), r[3, 0]), s), None, ROWS),
+    ("padding in the middle", lambda r, s: (_at(r, (3, 1), -1), s), None, ROWS),
+    ("a NaN score", lambda r, s: (r, _at(s, (3, 0), np.nan)), None, SCORES),
+    ("a negative score", lambda r, s: (r, _at(s, (3, 0), -0.5)), None, SCORES),
+    ("a score above 1", lambda r, s: (r, _at(s, (3, 0), 7.0)), None, SCORES),
+    ("scores not best first", lambda r, s: (r, _at(s, (3, 1), s[3, 0] + 0.5)), None, SCORES),
+    ("rows as int64", lambda r, s: (r.astype(np.int64), s), None, ROWS),
+    ("scores as float64", lambda r, s: (r, s.astype(np.float64)), None, SCORES),
+    ("rows as floats", lambda r, s: (r.astype(np.float32), s), None, ROWS),
+    ("1,999 rows", lambda r, s: (r[:-1], s[:-1]), None, ROWS),
+    ("rows 1-d", lambda r, s: (r.ravel(), s.ravel()), None, ROWS),
+    ("scores of another shape", lambda r, s: (r, s[:, :-1]), None, SCORES),
+    ("scores as an object array", lambda r, s: (r, s.astype(object)), None, SCORES),
+    ("no neighbours per item", lambda r, s: (r[:, :0], s[:, :0]), 0, ROWS),
+    ("k unlike the manifest's", lambda r, s: (r[:, :-1], s[:, :-1]), None, ROWS),
 ]]
 DATA_CASES = _data_file_cases() + SHAPE_CASES + NEIGHBOUR_CASES
 
@@ -759,29 +764,24 @@ def test_random_damage_to_the_manifest_is_refused_or_harmless(
 # -- neighbours: the manifest's account of them ---------------------------------------------
 
 
-def _drop_neighbours_file(version: Path) -> None:
-    (version / NEIGHBOURS_FILE).unlink()
+def _drop(name: str) -> Damage:
+    def damage(version: Path) -> None:
+        (version / name).unlink()
+    return damage
 
 
-def _scores_only(version: Path) -> None:
-    with np.load(version / NEIGHBOURS_FILE) as npz:
-        np.savez(version / NEIGHBOURS_FILE, scores=npz["scores"])
-    _rewrite_checksums(version, NEIGHBOURS_FILE)
-
-
-@pytest.mark.parametrize("damage", [_drop_neighbours_file, _scores_only],
-                         ids=["file missing", "rows array missing"])
-def test_neighbours_named_in_the_manifest_must_be_there_whole(root: Path,
-                                                              damage: Damage) -> None:
-    damage(root / VERSION)
-    _check(root, [root / VERSION / NEIGHBOURS_FILE])
+@pytest.mark.parametrize("name", NEIGHBOUR_FILES)
+def test_neighbour_files_named_in_the_manifest_must_be_there(root: Path, name: str) -> None:
+    _drop(name)(root / VERSION)
+    _check(root, [root / VERSION / name])
 
 
 @pytest.mark.parametrize(("label", "damage"), [
-    ("file listed, parameters removed", _set("neighbours", {})),
-    ("parameters given, file not listed", _set(("files", NEIGHBOURS_FILE), KeyError)),
+    ("files listed, parameters removed", _set("neighbours", {})),
+    ("parameters given, rows file not listed", _set(("files", ROWS), KeyError)),
+    ("parameters given, scores file not listed", _set(("files", SCORES), KeyError)),
     ("parameters not integers", _set(("neighbours", "k"), "fifty")),
-    ("an unknown extra file listed", _set(("files", "extra.npz"), {"bytes": 1, "sha256": "0"})),
+    ("an unknown extra file listed", _set(("files", "extra.npy"), {"bytes": 1, "sha256": "0"})),
 ])
 def test_a_manifest_inconsistent_about_neighbours_is_refused(root: Path, label: str,
                                                              damage: Damage) -> None:
@@ -791,9 +791,10 @@ def test_a_manifest_inconsistent_about_neighbours_is_refused(root: Path, label: 
 
 def test_a_snapshot_without_neighbours_still_serves(root: Path) -> None:
     version = root / VERSION
-    _drop_neighbours_file(version)
     manifest = _manifest(version)
-    del manifest["files"][NEIGHBOURS_FILE]
+    for name in NEIGHBOUR_FILES:
+        _drop(name)(version)
+        del manifest["files"][name]
     manifest["neighbours"] = {}
     _write_manifest(version, manifest)
     for _, kwargs in MODES:
