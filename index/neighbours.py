@@ -170,13 +170,15 @@ class Candidates:
 def recent_plays(rows: np.ndarray, last_at: np.ndarray, recent: int,
                  half_life_plays: float) -> tuple[np.ndarray, np.ndarray]:
     """A user's latest `recent` known plays (newest first) and their recency weights,
-    ``0.5 ** (position / half_life_plays)`` (position 0 = the latest; 0 = no decay)."""
+    ``0.5 ** (later / half_life_plays)``, `later` counting the plays after it (plays at the
+    same time weigh the same; 0 = no decay)."""
     known = np.flatnonzero(rows >= 0)
     latest = known[np.argsort(-last_at[known], kind="stable")[:recent]]
-    position = np.arange(len(latest), dtype=np.float64)
-    weights = 0.5 ** (position / half_life_plays) if half_life_plays > 0 else \
-        np.ones(len(latest))
-    return rows[latest].astype(np.int64), weights
+    if half_life_plays <= 0:
+        return rows[latest].astype(np.int64), np.ones(len(latest))
+    newest_first = -last_at[latest]
+    later = np.searchsorted(newest_first, newest_first, side="left")
+    return rows[latest].astype(np.int64), 0.5 ** (later / half_life_plays)
 
 
 def candidates(neighbours: Neighbours, played: np.ndarray, weights: np.ndarray) -> Candidates:

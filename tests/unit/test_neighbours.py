@@ -7,7 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from index.neighbours import NeighbourParams, Neighbours, blend, candidates, co_visitation
+from index.neighbours import (
+    NeighbourParams,
+    Neighbours,
+    blend,
+    candidates,
+    co_visitation,
+    recent_plays,
+)
 
 
 def _log(plays: list[tuple[int, int, float]], n_items: int,
@@ -97,3 +104,12 @@ def test_bad_parameters_are_refused() -> None:
     for params in ({"k": 0}, {"k": 1001}, {"window": -1}, {"max_per_user": 1}):
         with pytest.raises(ValueError):
             NeighbourParams(**params)
+
+
+def test_recent_plays_weigh_by_how_many_plays_came_after() -> None:
+    rows = np.array([5, -1, 7, 9, 11], np.int32)  # -1: an item outside the model
+    last_at = np.array([10.0, 50.0, 30.0, 30.0, 20.0])
+    played, weights = recent_plays(rows, last_at, 3, 1.0)
+    assert played.tolist() == [7, 9, 11]  # newest first; ties in record order
+    assert weights.tolist() == [1.0, 1.0, 0.25]  # the two at t=30 tie; two plays after 11
+    assert recent_plays(rows, last_at, 10, 0.0)[1].tolist() == [1.0] * 4
