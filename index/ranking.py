@@ -37,7 +37,7 @@ class RankingConfig:
     popularity_blend: float = 0.5  # weight of recent plays against batch popularity
     new_release_years: int = 2
     retrieval: str = BLEND  # when a request does not say
-    blend_weight: float = 0.6  # of the neighbours' scores against the vector's
+    blend_weight: float = 0.5  # of the neighbours' scores against the vector's
     recent_plays: int = 20  # whose neighbours are candidates
     recent_half_life_plays: float = 3.0  # recency weight 0.5 ** (position / this)
     neighbour_candidates: int = 200  # best neighbours taken to blend
