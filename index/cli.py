@@ -102,7 +102,8 @@ def _info(args: argparse.Namespace) -> int:
     with UserStore(users_dir(args.data_dir), readonly=True) as store:
         print(json.dumps({"model_version": manifest.model_version, "dim": manifest.dim,
                           "items": manifest.item_count, "index_type": manifest.index_type,
-                          "als": manifest.als, "users": store.count("users"),
+                          "als": manifest.als, "neighbours": manifest.neighbours,
+                          "users": store.count("users"),
                           "seen_events": store.count("seen")}, indent=2))
     return 0
 
