@@ -29,6 +29,7 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol
 
 import numpy as np
@@ -111,12 +112,18 @@ class Split:
                                          self.train.timestamps[order].tolist(), strict=True):
             yield str(user), (int(row), float(weight), float(at))
 
+    @cached_property
+    def user_codes(self) -> tuple[int, np.ndarray]:
+        """The number of training users and each training interaction's user code."""
+        users, codes = np.unique(self.train.user_ids.astype(str), return_inverse=True)
+        return len(users), codes
+
 
 def train_factors(split: Split, als: AlsParams, threads: int = 0) -> np.ndarray:
     """Item factors of ALS trained on the split's training part, as the batch build does."""
-    users, codes = np.unique(split.train.user_ids.astype(str), return_inverse=True)
+    n_users, codes = split.user_codes
     matrix = confidence_matrix(codes, split.train_rows, split.train.weights,
-                               (len(users), split.n_items), als.alpha)
+                               (n_users, split.n_items), als.alpha)
     return train_als(matrix, als, threads)[1].astype(np.float64)
 
 
@@ -163,9 +170,9 @@ class ItemToItem:
     """Gorse's item-to-item: co-occurrence cosine of the last `last` feedbacks, summed."""
 
     def __init__(self, split: Split, last: int = 100) -> None:
-        users, codes = np.unique(split.train.user_ids.astype(str), return_inverse=True)
+        n_users, codes = split.user_codes
         played = sp.csr_matrix((np.ones(len(codes)), (codes, split.train_rows)),
-                               shape=(len(users), split.n_items))
+                               shape=(n_users, split.n_items))
         played.data[:] = 1.0  # repeats count once
         together = (played.T @ played).toarray()
         counts = np.diag(together).copy()
@@ -196,9 +203,8 @@ class AverageVector:
 
 def build_neighbours(split: Split, params: NeighbourParams) -> NeighbourTable:
     """The neighbours the batch build would compute from the split's training part."""
-    _, codes = np.unique(split.train.user_ids.astype(str), return_inverse=True)
-    return co_visitation(codes, split.train_rows, split.train.timestamps, split.n_items,
-                         params)
+    return co_visitation(split.user_codes[1], split.train_rows, split.train.timestamps,
+                         split.n_items, params)
 
 
 class Neighbours:

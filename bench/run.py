@@ -32,7 +32,7 @@ from bench.services import start_process, stop
 from index import snapshots_dir, users_dir
 from index.catalog import CatalogSnapshot
 from index.files import atomic_write
-from index.snapshot import NEIGHBOUR_FILES
+from index.snapshot import NEIGHBOUR_FILES, SnapshotError, current_version
 from index.store import UserStore
 from recsys.v1 import events_pb2_grpc
 
@@ -61,15 +61,20 @@ def prepared(name: str, root: Path) -> Path:
     """The catalog's data dir under bench/data/, built on first use (and again if it was
     built before snapshots had neighbours)."""
     data_dir = root / name
-    current = snapshots_dir(data_dir) / "CURRENT"
-    if not current.exists() or not (
-            snapshots_dir(data_dir) / current.read_text().strip() / NEIGHBOUR_FILES[0]).exists():
+    if not _has_neighbours(snapshots_dir(data_dir)):
         shutil.rmtree(data_dir, ignore_errors=True)
         stage(f"building {name} (once)", lambda: subprocess.run(
             [sys.executable, "-m", "index", "build", *CATALOGS[name], "--data-dir",
              str(data_dir)], check=True, stdout=subprocess.DEVNULL,
             env={**os.environ, "PYTHONPATH": os.getcwd()}))
     return data_dir
+
+
+def _has_neighbours(snapshots: Path) -> bool:
+    try:
+        return (snapshots / current_version(snapshots) / NEIGHBOUR_FILES[0]).exists()
+    except SnapshotError:  # none built yet
+        return False
 
 
 def working_copy(data_dir: Path, target: Path) -> Path:

@@ -220,15 +220,15 @@ class Ranker:
             return None
         played, weights = recent_plays(record.rows, record.last_at, self.config.recent_plays,
                                        self.config.recent_half_life_plays)
-        return Query(vector=vector, played=played, weights=weights,
-                     retrieval=retrieval or self.config.retrieval)
+        return Query.of(catalog.neighbours, vector, played, weights,
+                        retrieval or self.config.retrieval)
 
     def _item_query(self, catalog: CatalogSnapshot, row: int, retrieval: str | None,
                     reason: str = LIKE) -> Query:
         """Items like the one at `row`, every one given `reason` with it as the anchor."""
-        return Query(vector=np.asarray(catalog.item_factors[row], np.float32),
-                     played=np.array([row], np.int64), weights=np.ones(1),
-                     retrieval=retrieval or self.config.retrieval, anchored=reason)
+        return Query.of(catalog.neighbours, np.asarray(catalog.item_factors[row], np.float32),
+                        np.array([row], np.int64), np.ones(1),
+                        retrieval or self.config.retrieval, reason)
 
     @staticmethod
     def _vector(catalog: CatalogSnapshot, record: UserRecord | None) -> np.ndarray | None:

@@ -7,14 +7,14 @@ played item (named by its row), or popularity/trending (the fallback).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
 
 from index.filters import allows_rows, count, unpack
-from index.neighbours import Candidates, blend, candidates
+from index.neighbours import Candidates, Neighbours, blend, candidates
 
 if TYPE_CHECKING:
     from index.ranking import LiveCatalog
@@ -40,28 +40,36 @@ class Scored:
 
 @dataclass(frozen=True, kw_only=True)
 class Query:
-    """What to retrieve for: a vector (the user's, or an item's factor), the played items
-    whose neighbours are candidates with their recency weights, and how to merge them.
-    With `anchored` (a reason), every item gets that reason and is named similar to the
-    one played item, rather than telling taste from similarity."""
+    """What to retrieve for: a vector (the user's, or an item's factor), the played items,
+    the candidates their neighbours reach (before any filter, so a request's rows share
+    them), and how to merge them. With `anchored` (a reason), every item gets that reason
+    and is named similar to the one played item, rather than telling taste from
+    similarity."""
 
     vector: np.ndarray | None
     played: np.ndarray
-    weights: np.ndarray
+    reached: Candidates
     retrieval: str = BLEND
     anchored: str | None = None
 
+    @staticmethod
+    def of(table: Neighbours | None, vector: np.ndarray | None, played: np.ndarray,
+           weights: np.ndarray, retrieval: str, anchored: str | None = None) -> Query:
+        """A query whose played items, weighted, reach their neighbours in `table`."""
+        reached = candidates(table, played, weights) \
+            if table is not None and retrieval != VECTOR else Candidates.empty()
+        return Query(vector=vector, played=played, reached=reached, retrieval=retrieval,
+                     anchored=anchored)
 
-@dataclass(kw_only=True)
+
+@dataclass(frozen=True, kw_only=True)
 class Retriever:
-    """Retrieval over one live catalog, with the ranker's tuning; made per request (it keeps
-    each query's neighbours for the request's other rows)."""
+    """Retrieval over one live catalog, with the ranker's tuning."""
 
     live: LiveCatalog
     brute_force_below: int
     blend_weight: float
     neighbour_candidates: int
-    _reached: dict[int, tuple[Query, Candidates]] = field(default_factory=dict)
 
     def personal(self, query: Query, k: int, allowed: np.ndarray | None) -> list[Scored]:
         """Top k for the query from its sources; popular items fill what they cannot."""
@@ -79,15 +87,8 @@ class Retriever:
         return self._blended(query, query.vector, neighbours, k, allowed)
 
     def _neighbours(self, query: Query, allowed: np.ndarray | None) -> Candidates:
-        """The neighbours of the played items that the bitmap allows, the best few."""
-        table = self.live.catalog.neighbours
-        if query.retrieval == VECTOR or table is None or not len(query.played):
-            return Candidates.empty()
-        kept = self._reached.get(id(query))
-        if kept is None:
-            kept = self._reached[id(query)] = (query, candidates(table, query.played,
-                                                                 query.weights))
-        found = kept[1]
+        """The query's neighbour candidates that the bitmap allows, the best few."""
+        found = query.reached
         mask = None if allowed is None else allows_rows(allowed, found.rows)
         return found.best(mask, self.neighbour_candidates)
 

@@ -150,8 +150,7 @@ def _manifest_checks(m: Manifest) -> list[tuple[bool, str]]:
         for f in m.files.values())
     neighbours_ok = isinstance(m.neighbours, dict) and all(
         isinstance(k, str) and _is(v, int) and 0 <= v < 1e6 for k, v in m.neighbours.items()) \
-        and {n in m.files for n in NEIGHBOUR_FILES} == {bool(m.neighbours)} \
-        if files_ok else True
+        and (not files_ok or {n in m.files for n in NEIGHBOUR_FILES} == {bool(m.neighbours)})
     als_ok = isinstance(m.als, dict) and all(
         _is(m.als.get(key), (int, float)) and 0 <= m.als[key] < 1e6
         for key in ("factors", "regularization", "alpha", "iterations")) and (
