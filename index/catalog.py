@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from functools import cached_property
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from index.kernels import readonly
 from index.model import FoldIn, History
 from index.neighbours import Neighbours
 from index.snapshot import (
@@ -44,8 +46,9 @@ class CatalogSnapshot:
                  neighbours: Neighbours | None = None) -> None:
         self.path = path
         self.manifest = manifest
-        # A plain view (of the mapped pages, if mapped): row gathers skip np.memmap's overhead.
-        self.item_factors: np.ndarray = np.asarray(factors)
+        # A plain read-only view (of the mapped pages, if mapped): row gathers skip
+        # np.memmap's overhead, and the retrieval kernels see one array type.
+        self.item_factors: np.ndarray = readonly(np.asarray(factors))
         self.index = index
         self.item_ids = item_ids
         self.titles = titles
@@ -56,6 +59,7 @@ class CatalogSnapshot:
         self.item_index = {item_id: row for row, item_id in enumerate(item_ids)}
         self.loaded_at = time.time()
         self._search_spec = dict(manifest.search)
+        self._params = threading.local()  # k -> search_parameters(...), per thread
 
     @property
     def model_version(self) -> str:
@@ -100,15 +104,32 @@ class CatalogSnapshot:
         mask = int(self.genre_mask[row])
         return [g for bit, g in enumerate(self.manifest.genres) if mask >> bit & 1]
 
-    def search(
-        self, queries: np.ndarray, k: int, selector: faiss.IDSelector | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k rows and inner-product scores per query; missing hits are id -1."""
+    def search(self, queries: np.ndarray, k: int,
+               allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k rows and inner-product scores per query among the rows the bitmap `allowed`
+        permits (None: every row); missing hits are id -1.
+
+        The search parameters are made once per thread and k: on the request path they
+        cost ~20 us of a ~100 us search with the caches cold (measured on the 100k-item
+        benchmark catalog).
+        """
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
         if self.index is None:
             raise RuntimeError(f"{self.path}: loaded without its index (with_index=False)")
-        params = search_parameters(self._search_spec, k, selector)
-        scores, ids = self.index.search(queries, k, params=params)
+        cached = self._params.__dict__
+        if k not in cached:
+            cached[k] = search_parameters(self._search_spec, k)
+        params, takes_selector = cached[k]
+        selector = None if allowed is None else faiss.IDSelectorBitmap(
+            len(self), faiss.swig_ptr(allowed))
+        n = len(queries)
+        scores, ids = np.empty((n, k), np.float32), np.empty((n, k), np.int64)
+        takes_selector.sel = selector
+        try:
+            self.index.search_c(n, faiss.swig_ptr(queries), k, faiss.swig_ptr(scores),
+                                faiss.swig_ptr(ids), params)
+        finally:
+            takes_selector.sel = None  # keep no pointer to the caller's bitmap
         return ids, scores
 
     @classmethod

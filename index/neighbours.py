@@ -1,6 +1,6 @@
 """Co-visitation neighbours: per item, the items the same viewers played near it.
 
-Built in the batch job (`co_visitation`) and kept in the snapshot (`neighbours.npz`); the
+Built in the batch job (`co_visitation`) and kept in the snapshot (two `.npy` files); the
 ranking service turns the neighbours of a user's recent plays into candidates
 (`candidates`). The score of a pair is the cosine of co-occurrence over distinct
 (user, item) plays, ``c_ij / sqrt(n_i * n_j)``, counting a pair of a user's plays only
@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from index.kernels import reach, readonly
+
 MAX_K = 1000
-_ENTRY_BITS = 22  # a query's (recent plays x k) entries, packed into its sort key
+MAX_ENTRIES = 1 << 22  # a query's recent plays x neighbours
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,6 +47,10 @@ class Neighbours:
     rows: np.ndarray  # int32 (n_items, k)
     scores: np.ndarray  # float32 (n_items, k), 0 where rows is -1
     params: dict[str, int] = field(default_factory=dict)  # how they were built
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rows", readonly(self.rows))
+        object.__setattr__(self, "scores", readonly(self.scores))
 
     def check(self, n_items: int) -> tuple[str, str] | None:
         """What is wrong with these arrays for a catalog of n_items, as ("rows" or "scores",
@@ -133,38 +139,17 @@ def _pair_counts(users: np.ndarray, items: np.ndarray, n_items: int,
 
 @dataclass(frozen=True)
 class Candidates:
-    """Items reached from a user's recent plays: rows (ascending), their summed weighted
-    similarities, and the played row behind each (its reason's anchor)."""
+    """Items reached from a user's recent plays (in the order first reached), their summed
+    weighted similarities, and the played row behind each (its reason's anchor)."""
 
-    rows: np.ndarray
-    scores: np.ndarray
-    anchors: np.ndarray
+    rows: np.ndarray  # int64
+    scores: np.ndarray  # float64
+    anchors: np.ndarray  # int64
 
     @staticmethod
     def empty() -> Candidates:
         """No candidates."""
         return Candidates(np.zeros(0, np.int64), np.zeros(0), np.zeros(0, np.int64))
-
-    def best(self, allowed: np.ndarray | None, n: int) -> Candidates:
-        """The n best candidates among those the `allowed` mask keeps (rows stay ascending)."""
-        scores = self.scores if allowed is None else np.where(allowed, self.scores, -1.0)
-        if len(scores) <= n:
-            keep = np.flatnonzero(scores >= 0)
-        else:
-            keep = np.sort(np.argpartition(-scores, n)[:n])
-            keep = keep[scores[keep] >= 0]
-        return Candidates(self.rows[keep], self.scores[keep], self.anchors[keep])
-
-    def find(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Where each of `rows` is among the candidates, and whether it is one."""
-        at = np.minimum(np.searchsorted(self.rows, rows), max(len(self.rows) - 1, 0))
-        found = self.rows[at] == rows if len(self.rows) else np.zeros(len(rows), bool)
-        return at, found
-
-    def score_of(self, rows: np.ndarray) -> np.ndarray:
-        """The candidates' scores at `rows` (0 for a row not among them)."""
-        at, found = self.find(rows)
-        return np.where(found, self.scores[at], 0.0) if len(self.rows) else np.zeros(len(rows))
 
 
 def recent_plays(rows: np.ndarray, last_at: np.ndarray, recent: int,
@@ -183,34 +168,12 @@ def recent_plays(rows: np.ndarray, last_at: np.ndarray, recent: int,
 
 def candidates(neighbours: Neighbours, played: np.ndarray, weights: np.ndarray) -> Candidates:
     """The neighbours of the played rows, each scored by the weighted sum of its similarities,
-    with the play that contributed most to it (within 1/32,768 of the largest: its anchor)."""
+    with the play that contributed most to it (ties: the most recent) as its anchor."""
     if not len(played):
         return Candidates.empty()
-    reached = neighbours.rows[played].ravel().astype(np.int64)
-    weighted = (neighbours.scores[played] * weights[:, None]).ravel()
-    if len(reached) >= 1 << _ENTRY_BITS:
-        raise ValueError(f"{len(reached)} neighbour entries; at most {(1 << _ENTRY_BITS) - 1}")
-    # One sort of (row, contribution rank, entry) packed in an int64 (several times faster
-    # than an argsort) groups each row's entries, its largest contribution first; the -1
-    # padding sorts first.
-    rank = np.rint((1 - weighted / max(float(weighted.max()), 1e-30)) * 32767).astype(np.int64)
-    keys = np.sort(reached << 37 | rank << _ENTRY_BITS | np.arange(len(reached)))
-    entry = keys & ((1 << _ENTRY_BITS) - 1)
-    reached, weighted = keys >> 37, weighted[entry]
-    first = np.flatnonzero(np.diff(reached, prepend=-2))  # where each row's entries begin
-    rows, scores = reached[first], np.add.reduceat(weighted, first)
-    anchors = played[entry[first] // neighbours.rows.shape[1]]
-    start = int(rows[0] < 0)
-    return Candidates(rows[start:], scores[start:], anchors[start:])
-
-
-def blend(vector: np.ndarray, neighbour: np.ndarray,
-          weight: float) -> tuple[np.ndarray, np.ndarray]:
-    """Both scores of the same candidates on one scale, then mixed:
-    ``(1 - weight) * v / max(v) + weight * n / max(n)``, each max over these candidates
-    (a max <= 0 leaves that part unscaled). Returns the mix and its neighbour part."""
-    v_max = float(vector.max(initial=0.0))
-    n_max = float(neighbour.max(initial=0.0))
-    from_neighbours = weight * (neighbour / n_max if n_max > 0 else neighbour)
-    return (1 - weight) * (vector / v_max if v_max > 0 else vector) + from_neighbours, \
-        from_neighbours
+    if len(played) * neighbours.rows.shape[1] > MAX_ENTRIES:
+        raise ValueError(f"{len(played)} plays x {neighbours.rows.shape[1]} neighbours; at "
+                         f"most {MAX_ENTRIES} entries")
+    return Candidates(*reach(neighbours.rows, neighbours.scores,
+                             np.ascontiguousarray(played, np.int64),
+                             np.ascontiguousarray(weights, np.float64)))

@@ -18,6 +18,7 @@ from index.catalog import CatalogSnapshot
 from index.errors import NotFound
 from index.filters import CatalogFilters, ItemFilter, clear
 from index.follower import SnapshotFollower
+from index.kernels import warm_up
 from index.model import History
 from index.neighbours import recent_plays
 from index.retrieval import BLEND, LIKE, RETRIEVALS, WATCHED, Query, Retriever, Scored
@@ -85,8 +86,10 @@ class LiveCatalog:
 
     @staticmethod
     def of(catalog: CatalogSnapshot, recent: np.ndarray, blend: float) -> LiveCatalog:
-        """Derive the serving state of a snapshot (and warm its fold-in solver)."""
+        """Derive the serving state of a snapshot (and warm its fold-in solver and the
+        retrieval kernels)."""
         _ = catalog.fold_in.gram  # pay for YtY at load, not on the first request
+        warm_up()
         live = LiveCatalog(catalog, CatalogFilters(catalog))
         live.set_trending(recent, blend)
         return live

@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import faiss
 import numpy as np
 
 from index.filters import allows_rows, count, unpack
-from index.neighbours import Candidates, Neighbours, blend, candidates
+from index.kernels import blend_top, readonly
+from index.neighbours import Candidates, Neighbours, candidates
 
 if TYPE_CHECKING:
     from index.ranking import LiveCatalog
@@ -25,6 +25,8 @@ RETRIEVALS = (BLEND, VECTOR, NEIGHBOURS)
 TASTE, WATCHED, LIKE = "taste", "similar_to_watched", "similar_to_item"
 POPULAR, TRENDING = "popular", "trending"
 _POPULAR_BLOCK = 4096
+_EVERY_ROW = np.zeros(0, np.uint8)  # blend_top's empty bitmap: no restriction
+_NO_VECTOR = readonly(np.zeros(0, np.float32))  # a query without one (weight 1: unused)
 
 
 @dataclass(frozen=True)
@@ -73,44 +75,30 @@ class Retriever:
 
     def personal(self, query: Query, k: int, allowed: np.ndarray | None) -> list[Scored]:
         """Top k for the query from its sources; popular items fill what they cannot."""
-        neighbours = self._neighbours(query, allowed)
-        use_vector = query.vector is not None and query.retrieval != NEIGHBOURS
-        if query.retrieval == VECTOR or (use_vector and not len(neighbours.rows)):
-            assert query.vector is not None
-            return self._named(query, self.search(query.vector, k, allowed))
-        if not use_vector:
-            order = np.argsort(-neighbours.scores, kind="stable")[:k]
-            found = [Scored(int(neighbours.rows[i]), float(neighbours.scores[i]), WATCHED,
-                            int(neighbours.anchors[i])) for i in order.tolist()]
-            return self._named(query, found) + self._fill(k - len(found), allowed, found)
-        assert query.vector is not None
-        return self._blended(query, query.vector, neighbours, k, allowed)
+        reached = query.reached
+        if query.vector is None or query.retrieval == NEIGHBOURS:
+            found = self._merged(query, reached, np.zeros(0, np.int64), 1.0, k, allowed)
+            return found + self._fill(k - len(found), allowed, found)
+        ann = self.search(query.vector, k, allowed)
+        if query.retrieval == VECTOR or not len(reached.rows):
+            return self._named(query, self._by_vector(query.vector, ann))
+        return self._merged(query, reached, ann, self.blend_weight, k, allowed)
 
-    def _neighbours(self, query: Query, allowed: np.ndarray | None) -> Candidates:
-        """The query's neighbour candidates that the bitmap allows, the best few."""
-        found = query.reached
-        mask = None if allowed is None else allows_rows(allowed, found.rows)
-        return found.best(mask, self.neighbour_candidates)
-
-    def _blended(self, query: Query, vector: np.ndarray, neighbours: Candidates, k: int,
-                 allowed: np.ndarray | None) -> list[Scored]:
-        """Both sources' candidates, each scored by both, on one scale, mixed.
-
-        The ANN's top k suffice from the vector side: an item outside the neighbours has
-        only its vector score, so no item outside both sets can beat them.
+    def _merged(self, query: Query, reached: Candidates, ann: np.ndarray, weight: float,
+                k: int, allowed: np.ndarray | None) -> list[Scored]:
+        """The best of the neighbour candidates the bitmap allows and the ANN's rows, each
+        scored by both sources on one scale (`kernels.blend_top`; weight 1: the neighbours
+        alone). The ANN's top k suffice from the vector side: an item outside the
+        neighbours has only its vector score, so no item outside both sets can beat them.
         """
-        ann = np.fromiter((s.row for s in self.search(vector, k, allowed)), np.int64)
-        rows = np.concatenate([neighbours.rows, ann[~neighbours.find(ann)[1]]])
-        by_vector = self.live.catalog.item_factors[rows] @ vector
-        mixed, from_neighbours = blend(by_vector, neighbours.score_of(rows), self.blend_weight)
-        top = np.argsort(-mixed, kind="stable")[:k]
-        # rows[:len(neighbours.rows)] are the neighbours, in their order: an item is there
-        # for its similarity to a play when that part of its score is the larger.
-        similar = (top < len(neighbours.rows)) & (2 * from_neighbours[top] > mixed[top])
-        anchors = np.full(len(top), -1)
-        anchors[similar] = neighbours.anchors[top[similar]]
-        found = [Scored(int(rows[t]), float(mixed[t]), WATCHED if a >= 0 else TASTE, int(a))
-                 for t, a in zip(top.tolist(), anchors.tolist(), strict=True)]
+        vector = _NO_VECTOR if query.vector is None else \
+            readonly(np.ascontiguousarray(query.vector, np.float32))
+        rows, scores, anchors = blend_top(
+            reached.rows, reached.scores, reached.anchors,
+            _EVERY_ROW if allowed is None else allowed, self.neighbour_candidates, ann,
+            self.live.catalog.item_factors, vector, weight, k)
+        found = [Scored(r, s, WATCHED if a >= 0 else TASTE, a) for r, s, a in
+                 zip(rows.tolist(), scores.tolist(), anchors.tolist(), strict=True)]
         return self._named(query, found)
 
     @staticmethod
@@ -128,30 +116,27 @@ class Retriever:
         taken = {s.row for s in found}
         return [s for s in self.popular(n + len(taken), allowed) if s.row not in taken][:n]
 
-    def search(self, vector: np.ndarray, k: int, allowed: np.ndarray | None) -> list[Scored]:
-        """ANN search restricted by a bitmap; exact over the allowed rows when it is narrow."""
+    def search(self, vector: np.ndarray, k: int, allowed: np.ndarray | None) -> np.ndarray:
+        """Up to k rows for the vector among those the bitmap allows: the ANN index's, or
+        the exact top k when the bitmap is narrow (or the index gave up early)."""
         catalog = self.live.catalog
         budget = len(catalog) if allowed is None else count(allowed)
-        if budget == 0:
-            return []
-        if budget <= self.brute_force_below:
-            return self._exact(vector, k, allowed)
-        selector = None if allowed is None else faiss.IDSelectorBitmap(
-            len(catalog), faiss.swig_ptr(allowed))
-        ids, scores = catalog.search(vector, k, selector)
-        found = [Scored(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True)
-                 if i >= 0]
-        if len(found) < min(k, budget):  # the ANN index gave up early: be exact instead
-            return self._exact(vector, k, allowed)
-        return found
-
-    def _exact(self, vector: np.ndarray, k: int, allowed: np.ndarray | None) -> list[Scored]:
-        catalog = self.live.catalog
+        if budget > self.brute_force_below:
+            ids = catalog.search(vector, k, allowed)[0][0]
+            ids = ids[ids >= 0]
+            if len(ids) >= min(k, budget):
+                return ids
         rows = np.arange(len(catalog)) if allowed is None else \
             np.flatnonzero(unpack(allowed, len(catalog)))
-        scores = np.asarray(catalog.item_factors)[rows] @ vector
-        top = np.argsort(-scores, kind="stable")[:k]
-        return [Scored(int(rows[t]), float(scores[t])) for t in top]
+        return rows[np.argsort(-(catalog.item_factors[rows] @ vector), kind="stable")[:k]]
+
+    def _by_vector(self, vector: np.ndarray, rows: np.ndarray) -> list[Scored]:
+        """The rows scored exactly by the vector, best first (an index's own scores may be
+        approximate: the preset's stores 8-bit codes)."""
+        scores = self.live.catalog.item_factors[rows] @ vector
+        order = np.argsort(-scores, kind="stable")
+        return [Scored(r, s) for r, s in zip(rows[order].tolist(), scores[order].tolist(),
+                                             strict=True)]
 
     def popular(self, k: int, allowed: np.ndarray | None,
                 by_trending: bool = False) -> list[Scored]:

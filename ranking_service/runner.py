@@ -15,6 +15,7 @@ import multiprocessing
 import sys
 
 from index import users_dir
+from index.kernels import warm_up
 from index.store import UserStore
 from ranking_service.config import Settings
 from ranking_service.server import create_server, open_deps
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 def supervise(settings: Settings) -> int:
     """Run `settings.workers` server processes until SIGTERM/SIGINT or one dies."""
     configure_logging()
+    warm_up()  # compile the kernels once, into their disk cache, before N workers load them
     context = multiprocessing.get_context("spawn")
     procs = [context.Process(target=_worker, args=(settings, i),
                              name=f"ranking-{i}") for i in range(settings.workers)]

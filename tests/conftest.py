@@ -10,6 +10,7 @@ from index import snapshots_dir
 from index.build import BuildReport, build
 from index.catalog import CatalogSnapshot
 from index.history import Play
+from index.kernels import warm_up
 from index.model import AlsParams
 from index.synthetic import synthetic
 from index.tables import Dataset
@@ -18,6 +19,7 @@ from rpc.server import pin_native_threads
 
 SMALL_ALS = AlsParams(factors=32, regularization=0.1, alpha=10.0, iterations=10, seed=0)
 pin_native_threads()  # as the services' entry points do: in-process servers behave alike
+warm_up()  # compile the retrieval kernels into their disk cache before servers start
 
 
 def record_of(catalog: CatalogSnapshot, plays: list[Play], user: str = "u") -> UserRecord:

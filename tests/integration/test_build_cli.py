@@ -46,7 +46,7 @@ def test_build_synthetic_with_hnsw(tmp_path: Path) -> None:
     report = _cli("build", "--dataset", "synthetic", "--n-items", "3000", "--n-users", "500",
                   "--index", "hnsw", "--factors", "16", "--data-dir", str(tmp_path / "d"))
     assert report["model_version"].startswith("synthetic-")
-    assert _check(tmp_path / "d", 3000, 500).manifest.index_type == "HNSW32"
+    assert _check(tmp_path / "d", 3000, 500).manifest.index_type == "HNSW32,SQ8"
 
 
 def test_build_from_csv_files_with_until(tmp_path: Path) -> None:

@@ -39,7 +39,7 @@ def test_exact_fold_in_matches_implicit_recalculate_user(
     als = catalog.manifest.als
     reference = AlternatingLeastSquares(factors=catalog.dim, regularization=als["regularization"],
                                         alpha=1.0, num_threads=1)
-    reference.item_factors = np.asarray(catalog.item_factors)
+    reference.item_factors = np.array(catalog.item_factors)  # implicit needs a writable copy
     rows = np.repeat(np.arange(len(histories)), [len(h.items) for h in histories])
     matrix = confidence_matrix(rows, np.concatenate([h.items for h in histories]),
                                np.concatenate([h.weights for h in histories]),

@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 from index.neighbours import (
     NeighbourParams,
     Neighbours,
-    blend,
     candidates,
     co_visitation,
     recent_plays,
@@ -68,22 +67,15 @@ def test_candidates_sum_weighted_similarities_and_name_the_strongest_play() -> N
     table = Neighbours(rows, scores)
     assert table.check(3) is None
     found = candidates(table, np.array([0, 1]), np.array([1.0, 0.5]))
-    assert found.rows.tolist() == [1, 2]
+    assert found.rows.tolist() == [1, 2]  # in the order first reached
     assert np.allclose(found.scores, [0.9, 0.3 + 0.4])
     assert found.anchors.tolist() == [0, 1]  # 2 owes 0.4 to play 1, 0.3 to play 0
-    assert found.score_of(np.array([2, 0, 1])).tolist() == pytest.approx([0.7, 0.0, 0.9])
-    assert found.best(np.array([True, False]), 5).rows.tolist() == [1]
-    assert found.best(None, 1).rows.tolist() == [1]
+    tied = candidates(Neighbours(rows, np.array([[0.75, 0.25], [0.5, 0], [0, 0]], np.float32)),
+                      np.array([1, 0]), np.array([0.5, 1.0]))
+    assert tied.rows.tolist() == [2, 1]
+    assert tied.anchors.tolist() == [1, 0]  # 2 owes 0.25 to each play: the earlier one
     empty = candidates(table, np.zeros(0, np.int64), np.zeros(0))
-    assert len(empty.rows) == 0 and empty.score_of(np.array([1])).tolist() == [0.0]
-
-
-def test_blend_puts_both_sources_on_one_scale() -> None:
-    mixed, from_neighbours = blend(np.array([2.0, 1.0, 0.0]), np.array([0.0, 5.0, 10.0]), 0.5)
-    assert mixed.tolist() == [0.5, 0.5, 0.5]
-    assert from_neighbours.tolist() == [0.0, 0.25, 0.5]
-    only_vector, _ = blend(np.array([2.0, 1.0]), np.zeros(2), 0.0)
-    assert only_vector.tolist() == [1.0, 0.5]
+    assert len(empty.rows) == 0
 
 
 @settings(max_examples=60, deadline=None)

@@ -48,7 +48,7 @@ def test_undecayed_stats_give_implicits_recalculate_user(catalog: CatalogSnapsho
     als = catalog.manifest.als
     reference = AlternatingLeastSquares(factors=catalog.dim, alpha=1.0, num_threads=1,
                                         regularization=als["regularization"])
-    reference.item_factors = np.asarray(catalog.item_factors)
+    reference.item_factors = np.array(catalog.item_factors)  # implicit needs a writable copy
     matrix = confidence_matrix(np.zeros(len(rows), np.int64), rows, weights.astype(np.float32),
                                (1, len(catalog)), als["alpha"])
     ours = _solve(catalog.fold_in, stats)

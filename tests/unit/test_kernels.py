@@ -1,0 +1,75 @@
+"""The compiled retrieval kernels against plain-Python statements of what they compute."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from index.filters import pack
+from index.kernels import blend_top, readonly
+
+
+def _reference(found: list[int], sums: list[float], anchors: list[int], mask: list[bool],
+               n_best: int, ann: list[int], factors: np.ndarray, vector: np.ndarray,
+               weight: float, k: int) -> tuple[list[int], list[float], list[int]]:
+    """blend_top's docstring, spelled out."""
+    allowed = [i for i in range(len(found)) if mask[found[i]]]
+    ranked = sorted(allowed, key=lambda i: (-sums[i], i))[:n_best]
+    kept = sorted(ranked)  # position order
+    rows = [found[i] for i in kept]
+    rows += [a for a in ann if a not in rows]
+    by_vector = [float(factors[r] @ vector) for r in rows] if weight < 1 else [0.0] * len(rows)
+    by_neighbours = [sums[i] for i in kept] + [0.0] * (len(rows) - len(kept))
+    v_max, n_max = max([*by_vector, 0.0]), max([*by_neighbours, 0.0])
+    from_vector = [(1 - weight) * (v / v_max if v_max > 0 else v) for v in by_vector]
+    from_neighbours = [weight * (n / n_max if n_max > 0 else n) for n in by_neighbours]
+    mixed = [a + b for a, b in zip(from_vector, from_neighbours, strict=True)]
+    top = sorted(range(len(rows)), key=lambda t: (-mixed[t], t))[:k]
+    out_anchors = [anchors[kept[t]] if t < len(kept) and 2 * from_neighbours[t] > mixed[t]
+                   else -1 for t in top]
+    return [rows[t] for t in top], [mixed[t] for t in top], out_anchors
+
+
+@st.composite
+def _inputs(draw: st.DrawFn) -> dict:  # type: ignore[type-arg]
+    n_items = draw(st.integers(1, 30))
+    dim = draw(st.integers(1, 4))
+    found = draw(st.permutations(range(n_items)))[:draw(st.integers(0, n_items))]
+    # Small integers and eighths: every dot product and sum is exact in float32 and float64,
+    # so ties are ties in both statements.
+    sums = [draw(st.integers(0, 32)) / 8 for _ in found]
+    anchors = [draw(st.integers(0, n_items - 1)) for _ in found]
+    mask = draw(st.lists(st.booleans(), min_size=n_items, max_size=n_items))
+    allowed_rows = [r for r in range(n_items) if mask[r]]
+    ann = draw(st.permutations(allowed_rows))[:draw(st.integers(0, len(allowed_rows)))]
+    factors = np.array(draw(st.lists(st.integers(-3, 3), min_size=n_items * dim,
+                                     max_size=n_items * dim)), np.float32).reshape(n_items, dim)
+    vector = np.array(draw(st.lists(st.integers(-3, 3), min_size=dim, max_size=dim)),
+                      np.float32)
+    return {"found": found, "sums": sums, "anchors": anchors, "mask": mask, "ann": ann,
+            "factors": factors, "vector": vector, "n_best": draw(st.integers(1, 12)),
+            "weight": draw(st.sampled_from([0.0, 0.25, 0.5, 1.0])), "k": draw(st.integers(1, 12))}
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=_inputs())
+def test_blend_top_is_its_statement(case: dict) -> None:  # type: ignore[type-arg]
+    rows, scores, anchors = blend_top(
+        np.array(case["found"], np.int64), np.array(case["sums"], np.float64),
+        np.array(case["anchors"], np.int64), pack(np.array(case["mask"], bool)),
+        case["n_best"], np.array(case["ann"], np.int64), readonly(case["factors"]),
+        readonly(case["vector"]), case["weight"], case["k"])
+    want_rows, want_scores, want_anchors = _reference(**case)
+    assert rows.tolist() == want_rows
+    assert scores.tolist() == want_scores
+    assert anchors.tolist() == want_anchors
+
+
+def test_an_empty_bitmap_allows_every_row() -> None:
+    factors = readonly(np.eye(3, dtype=np.float32))
+    rows, _, anchors = blend_top(np.array([2, 0], np.int64), np.array([1.0, 3.0]),
+                                 np.array([1, 1], np.int64), np.zeros(0, np.uint8), 5,
+                                 np.zeros(0, np.int64), factors,
+                                 readonly(np.zeros(3, np.float32)), 1.0, 5)
+    assert rows.tolist() == [0, 2] and anchors.tolist() == [1, 1]
