@@ -7,6 +7,7 @@ import threading
 import time
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -59,7 +60,7 @@ class CatalogSnapshot:
         self.item_index = {item_id: row for row, item_id in enumerate(item_ids)}
         self.loaded_at = time.time()
         self._search_spec = dict(manifest.search)
-        self._params = threading.local()  # k -> search_parameters(...), per thread
+        self._params = threading.local()  # .by_k: k -> search_parameters(...), per thread
 
     @property
     def model_version(self) -> str:
@@ -116,18 +117,21 @@ class CatalogSnapshot:
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
         if self.index is None:
             raise RuntimeError(f"{self.path}: loaded without its index (with_index=False)")
-        cached = self._params.__dict__
-        if k not in cached:
-            cached[k] = search_parameters(self._search_spec, k)
-        params, takes_selector = cached[k]
+        by_k: dict[int, tuple[Any, Any]] | None = getattr(self._params, "by_k", None)
+        if by_k is None:
+            by_k = self._params.by_k = {}
+        if k not in by_k:
+            by_k[k] = search_parameters(self._search_spec, k)
+        params, takes_selector = by_k[k]
         selector = None if allowed is None else faiss.IDSelectorBitmap(
             len(self), faiss.swig_ptr(allowed))
         n = len(queries)
         scores, ids = np.empty((n, k), np.float32), np.empty((n, k), np.int64)
         takes_selector.sel = selector
         try:
-            self.index.search_c(n, faiss.swig_ptr(queries), k, faiss.swig_ptr(scores),
-                                faiss.swig_ptr(ids), params)
+            index: Any = self.index  # search_c: the SWIG call under faiss's search wrapper
+            index.search_c(n, faiss.swig_ptr(queries), k, faiss.swig_ptr(scores),
+                           faiss.swig_ptr(ids), params)
         finally:
             takes_selector.sel = None  # keep no pointer to the caller's bitmap
         return ids, scores

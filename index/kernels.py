@@ -100,15 +100,15 @@ def blend_top(found: np.ndarray, sums: np.ndarray, anchors: np.ndarray, bitmap: 
     if m > n_best:
         cut = np.partition(sums[allowed], m - n_best)[m - n_best]
         above = 0
-        for i in allowed:
-            above += sums[i] > cut
+        for at in allowed:
+            above += sums[at] > cut
         ties = n_best - above
         kept = np.empty(n_best, np.int64)
         m = 0
-        for i in allowed:
-            if sums[i] > cut or (sums[i] == cut and ties > 0):
-                ties -= sums[i] == cut
-                kept[m] = i
+        for at in allowed:
+            if sums[at] > cut or (sums[at] == cut and ties > 0):
+                ties -= sums[at] == cut
+                kept[m] = at
                 m += 1
         allowed = kept
     # Candidates: those neighbours, then the ANN's rows not among them.
