@@ -28,6 +28,8 @@ class Settings(ServerSettings):
     max_message_bytes: int = 16 * MiB
     max_batch_events: int = Limits.max_batch_events
     max_future_skew_s: float = Limits.max_future_skew_s
+    require_occurred_at: bool = field(default=Limits.require_occurred_at, metadata={
+        "help": "reject events without occurred_at (default: they happened when received)"})
     queue_max_events: int = WriterConfig.queue_max_events
     group_max_events: int = WriterConfig.group_max_events
     group_window_ms: float = WriterConfig.group_window_s * 1000
@@ -64,7 +66,8 @@ class Settings(ServerSettings):
     def limits(self) -> Limits:
         """Per-event and per-batch bounds."""
         return Limits(max_id_length=self.max_id_length, max_future_skew_s=self.max_future_skew_s,
-                      max_batch_events=self.max_batch_events)
+                      max_batch_events=self.max_batch_events,
+                      require_occurred_at=self.require_occurred_at)
 
     @property
     def writer(self) -> WriterConfig:

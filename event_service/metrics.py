@@ -28,6 +28,10 @@ class EventMetrics:
                                   registry=self.registry)
         self.model_version = Gauge("freshrec_model_info", "Live model version", ["version"],
                                    registry=self.registry)
+        self.received_at = Counter(
+            "freshrec_events_occurred_at_defaulted_total",
+            "Accepted events without occurred_at, given the time of receipt",
+            registry=self.registry)
         self.refolded = Counter("freshrec_refolded_users_total",
                                 "Users re-folded in the background under a new model",
                                 registry=self.registry)

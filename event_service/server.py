@@ -64,13 +64,16 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
     """Track, Ingest, IngestStream and GetUser over the writer and the store."""
 
     def __init__(self, settings: Settings, writer: Writer | LogPublisher,
-                 store: UserStore | None) -> None:
-        self.settings, self.writer, self.store = settings, writer, store
+                 store: UserStore | None, metrics: EventMetrics) -> None:
+        self.settings, self.writer, self.store, self.metrics = settings, writer, store, metrics
 
     def _submission(self, messages: Iterable[events_pb2.PlaybackEvent], offset: int = 0
                     ) -> Submission:
         events = [to_event(m) for m in messages]
-        return Submission(check_batch(events, time.time(), self.settings.limits, offset))
+        batch = check_batch(events, time.time(), self.settings.limits, offset)
+        if batch.received_at:
+            self.metrics.received_at.inc(batch.received_at)
+        return Submission(batch)
 
     def Track(self, request: events_pb2.TrackRequest, context: grpc.ServicerContext
               ) -> events_pb2.TrackResponse:
@@ -83,7 +86,8 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
         return events_pb2.TrackResponse(duplicate=outcome.duplicate,
                                         user_version=outcome.user_version,
                                         item_known=outcome.item_known,
-                                        log_sequence=outcome.log_sequence)
+                                        log_sequence=outcome.log_sequence,
+                                        occurred_at_defaulted=bool(submission.batch.received_at))
 
     def Ingest(self, request_iterator: Iterator[events_pb2.IngestRequest],
                context: grpc.ServicerContext) -> events_pb2.IngestResponse:
@@ -173,6 +177,7 @@ def _count(response: Any, submission: Submission, outcomes: list[Outcome]) -> No
     response.duplicates += duplicates
     response.unknown_items += sum(not o.item_known and not o.duplicate for o in outcomes)
     response.log_sequence = max([response.log_sequence, *(o.log_sequence for o in outcomes)])
+    response.occurred_at_defaulted += submission.batch.received_at
     response.rejections.extend(events_pb2.Rejection(index=r.index, event_id=r.event_id,
                                                     reason=r.reason, message=r.message)
                                for r, _ in submission.batch.rejected)
@@ -219,7 +224,7 @@ def create_server(settings: Settings, deps: Deps) -> tuple[Service, int]:
     """Build and start the server on settings.host:port; returns it and the bound port."""
     def add(server: grpc.Server) -> None:
         events_pb2_grpc.add_EventServiceServicer_to_server(
-            EventServicer(settings, deps.writer, deps.store), server)
+            EventServicer(settings, deps.writer, deps.store, deps.metrics), server)
 
     store = deps.store
     return assemble(settings, POLICY, [SERVICE], add, parts=[deps.writer],

@@ -170,7 +170,10 @@ class Shard:
                                            f"{self.partition}"), event))
                 continue
             events.append(event)
-        batch = check_batch(events, now, replace(limits, max_batch_events=max(len(events), 1)))
+        # A log message must carry its time (the front end stamps an untimed event with its
+        # time of receipt before publishing): a replay must give the same state.
+        batch = check_batch(events, now, replace(limits, max_batch_events=max(len(events), 1),
+                                                 require_occurred_at=True))
         return batch.valid, rejected + batch.rejected
 
     def close(self) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntEnum
 
 from index.errors import InvalidArgument
@@ -32,7 +32,7 @@ class Event:
     user_id: str
     item_id: str
     type: int
-    occurred_at: float | None  # unix seconds; None when the client did not set it (invalid)
+    occurred_at: float | None  # unix seconds; None when the client did not set it
     watch_fraction: float
 
 
@@ -43,6 +43,9 @@ class Limits:
     max_id_length: int = 128
     max_future_skew_s: float = 300.0
     max_batch_events: int = 10_000
+    # An event without occurred_at happened when it was received (as analytics pipelines
+    # assume); True rejects it instead ("missing_occurred_at").
+    require_occurred_at: bool = False
 
 
 @dataclass(frozen=True)
@@ -106,14 +109,17 @@ def validate(event: Event, now: float, limits: Limits) -> tuple[str, str] | None
 
 @dataclass(frozen=True)
 class Batch:
-    """A checked batch: the events to apply, and the rejected ones with their reasons."""
+    """A checked batch: the events to apply, the rejected ones with their reasons, and how
+    many of the valid ones were given the time of receipt for a missing occurred_at."""
 
     valid: list[Event]
     rejected: list[tuple[Rejection, Event]]
+    received_at: int = 0
 
 
 def check_batch(events: Sequence[Event], now: float, limits: Limits, offset: int = 0) -> Batch:
-    """Split a batch into valid and rejected events (indexes counted from `offset`).
+    """Split a batch received at `now` into valid and rejected events (indexes counted from
+    `offset`); an event without occurred_at gets `now` unless the limits require it.
 
     A batch over `limits.max_batch_events` is refused whole (InvalidArgument): a single
     bad event never is.
@@ -121,11 +127,15 @@ def check_batch(events: Sequence[Event], now: float, limits: Limits, offset: int
     if len(events) > limits.max_batch_events:
         raise InvalidArgument(f"{len(events)} events in one message; the limit is "
                               f"{limits.max_batch_events}")
-    valid, rejected = [], []
+    valid, rejected, received_at = [], [], 0
     for index, event in enumerate(events):
+        untimed = event.occurred_at is None and not limits.require_occurred_at
+        if untimed:
+            event = replace(event, occurred_at=now)
         problem = validate(event, now, limits)
         if problem is None:
             valid.append(event)
+            received_at += untimed
         else:
             rejected.append((Rejection(offset + index, event.event_id, *problem), event))
-    return Batch(valid, rejected)
+    return Batch(valid, rejected, received_at)

@@ -163,7 +163,7 @@ def _get_user(events: RunningEvents, user_id: str) -> tuple[Code, Any]:
 class Verdict(Enum):
     VALID = "valid"  # plainly valid: must be accepted
     INVALID = "invalid"  # plainly bad: must be rejected
-    UNSURE = "unsure"  # the contract does not say (exotic unicode, unset occurred_at...)
+    UNSURE = "unsure"  # the contract does not say (exotic unicode, far-off times...)
 
 
 SAFE_ID = re.compile(r"[A-Za-z0-9._:-]+\Z")
@@ -185,7 +185,7 @@ def _id_verdict(value: str, max_bytes: int, control_is_bad: bool = True) -> Verd
 
 def _time_verdict(event: events_pb2.PlaybackEvent, now: float, skew: float) -> Verdict:
     if not event.HasField("occurred_at"):
-        return Verdict.UNSURE  # the proto says required; see the dedicated test below
+        return Verdict.VALID  # the time of receipt (the proto says so)
     stamp = event.occurred_at
     if not 0 <= stamp.nanos < 1_000_000_000 or stamp.seconds < 0:
         return Verdict.INVALID
@@ -579,17 +579,18 @@ def test_an_ingest_stream_acks_its_good_batches_then_refuses_an_oversized_one(
     _same_user(before["u13"], _get_user(events, "u13"), "its batch was refused")
 
 
-def test_an_event_without_occurred_at_is_rejected_as_the_contract_says(
+def test_an_event_without_occurred_at_happened_when_received_as_the_contract_says(
     events_server: RunningEvents,
 ) -> None:
-    # recsys.v1.PlaybackEvent.occurred_at: "When the event happened. Required; ..."
+    # recsys.v1.PlaybackEvent.occurred_at: "Unset: the time the service received it ..."
     event = playback(f"no-time-{uuid.uuid4().hex}", "u8", "i8")
     event.ClearField("occurred_at")
-    before = _get_user(events_server, "u8")
+    before = _get_user(events_server, "u8")[1]
     code, answer = _call(events_server.stub.Track, events_pb2.TrackRequest(event=event))
-    assert code == Code.INVALID_ARGUMENT, \
-        f"an event with no occurred_at (documented as required) answered {code.name}: {answer}"
-    _same_user(before, _get_user(events_server, "u8"), "the event was rejected")
+    assert code == Code.OK and answer.occurred_at_defaulted, f"{code.name}: {answer}"
+    after = _get_user(events_server, "u8")[1]
+    assert after.version == (before.version if before else 0) + 1
+    assert after.recent_item_ids[0] == "i8"
 
 
 # -- RankingService --------------------------------------------------------------------------

@@ -70,17 +70,13 @@ BAD_EVENTS = {
     "watch_fraction_not_finite": dict(fraction=math.nan),
     "occurred_at_in_future": dict(at=time.time() + 86_400),
     "invalid_occurred_at": dict(at=-5.0),
-    "missing_occurred_at": {},
 }
 
 
 def _bad(reason: str, index: int = 0) -> events_pb2.PlaybackEvent:
     fields: dict = {"event_id": f"bad-{reason}-{index}", "user": "u9", "item": "i1",
                     **BAD_EVENTS[reason]}
-    event = playback(fields.pop("event_id"), fields.pop("user"), fields.pop("item"), **fields)
-    if reason == "missing_occurred_at":
-        event.ClearField("occurred_at")
-    return event
+    return playback(fields.pop("event_id"), fields.pop("user"), fields.pop("item"), **fields)
 
 
 @pytest.mark.parametrize("reason", sorted(BAD_EVENTS))
@@ -92,6 +88,42 @@ def test_track_rejects_each_bad_event_with_invalid_argument(events: RunningEvent
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert reason in error.value.details()
     assert events.stub.GetUser(events_pb2.GetUserRequest(user_id="u9")) == before
+
+
+def _untimed(event_id: str, user: str, item: str) -> events_pb2.PlaybackEvent:
+    event = playback(event_id, user, item)
+    event.ClearField("occurred_at")
+    return event
+
+
+def test_untimed_events_happened_when_received_said_and_counted(events: RunningEvents) -> None:
+    answer = events.stub.Track(events_pb2.TrackRequest(event=_untimed("t0", "untimed-u", "i1")))
+    assert answer.occurred_at_defaulted and answer.user_version == 1
+    timed = events.stub.Track(events_pb2.TrackRequest(event=playback("t1", "untimed-u", "i2")))
+    assert not timed.occurred_at_defaulted
+    summary = events.stub.Ingest(iter([events_pb2.IngestRequest(events=[
+        _untimed("t2", "untimed-u", "i3"), playback("t3", "untimed-u", "i4"), _untimed("t4", "untimed-u", "i5")])]))
+    assert (summary.accepted, summary.occurred_at_defaulted) == (3, 2)
+    acks = list(events.stub.IngestStream(iter([events_pb2.IngestStreamRequest(
+        sequence=1, events=[_untimed("t5", "untimed-u", "i6")])])))
+    assert [(a.accepted, a.occurred_at_defaulted) for a in acks] == [(1, 1)]
+    assert events.deps.metrics.registry.get_sample_value(
+        "freshrec_events_occurred_at_defaulted_total") == 4
+
+
+def test_with_require_occurred_at_an_untimed_event_is_rejected(fresh_data_dir: Path) -> None:
+    strict = RunningEvents(event_settings(fresh_data_dir, require_occurred_at=True))
+    try:
+        with pytest.raises(grpc.RpcError) as error:
+            strict.stub.Track(events_pb2.TrackRequest(event=_untimed("s0", "strict-u", "i1")))
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "missing_occurred_at" in error.value.details()
+        summary = strict.stub.Ingest(iter([events_pb2.IngestRequest(events=[
+            _untimed("s1", "strict-u", "i1"), playback("s2", "strict-u", "i2")])]))
+        assert (summary.accepted, summary.rejected, summary.occurred_at_defaulted) == (1, 1, 0)
+        assert [r.reason for r in summary.rejections] == ["missing_occurred_at"]
+    finally:
+        strict.close()
 
 
 def test_ingest_applies_the_good_events_of_mixed_batches(events: RunningEvents,
@@ -229,17 +261,17 @@ def test_a_new_snapshot_is_followed_and_every_user_is_refolded_in_the_background
             time.sleep(0.05)
         assert events.deps.writer.catalogs.version == "small-v2"
         v2 = CatalogSnapshot.load(root, "small-v2")
-        for user in ("u0", "u20", "u599"):  # without any event of theirs
+        for user in ("u0", "untimed-u", "u599"):  # without any event of theirs
             got = events.stub.GetUser(events_pb2.GetUserRequest(user_id=user))
             assert got.model_version == "small-v2"
             record = events.deps.store.get_user(user)
             assert record is not None
             expected = v2.fold_in.exact([v2.history(record)])[0]
             np.testing.assert_allclose(got.vector, expected, atol=1e-5)
-        events.stub.Track(events_pb2.TrackRequest(event=playback("after-v2", "u20",
+        events.stub.Track(events_pb2.TrackRequest(event=playback("after-v2", "untimed-u",
                                                                  catalog.item_ids[2])))
-        after = events.stub.GetUser(events_pb2.GetUserRequest(user_id="u20"))
-        record = events.deps.store.get_user("u20")
+        after = events.stub.GetUser(events_pb2.GetUserRequest(user_id="untimed-u"))
+        record = events.deps.store.get_user("untimed-u")
         assert after.model_version == "small-v2" and record is not None
         np.testing.assert_allclose(after.vector, v2.fold_in.exact([v2.history(record)])[0],
                                    atol=1e-5)

@@ -25,11 +25,20 @@ def _event(event_id: str, **changes: object) -> Event:
 def test_a_batch_keeps_its_good_events_and_names_the_bad_ones() -> None:
     events = [_event("a"), _event("b", watch_fraction=2.0), _event("", user_id="u2"),
               _event("d", occurred_at=None), _event("e")]
-    batch = check_batch(events, now=100.0, limits=Limits(), offset=10)
+    batch = check_batch(events, now=100.0, limits=Limits(require_occurred_at=True), offset=10)
     assert [e.event_id for e in batch.valid] == ["a", "e"]
     assert [(r.index, r.event_id, r.reason) for r, _ in batch.rejected] == [
         (11, "b", "watch_fraction_out_of_range"), (12, "", "missing_event_id"),
         (13, "d", "missing_occurred_at")]
+
+
+def test_an_event_without_occurred_at_happened_when_it_was_received() -> None:
+    events = [_event("a", occurred_at=None), _event("b"), _event("c", occurred_at=None,
+                                                                  watch_fraction=2.0)]
+    batch = check_batch(events, now=250.0, limits=Limits())
+    assert [(e.event_id, e.occurred_at) for e in batch.valid] == [("a", 250.0), ("b", 100.0)]
+    assert batch.received_at == 1  # "c" is rejected for its fraction, not counted
+    assert [r.reason for r, _ in batch.rejected] == ["watch_fraction_out_of_range"]
 
 
 def test_an_oversized_batch_is_refused_whole() -> None:
