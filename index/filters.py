@@ -55,6 +55,13 @@ def count(bitmap: np.ndarray) -> int:
     return int(np.bitwise_count(bitmap).sum())
 
 
+def only(bitmap: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """A new bitmap of the `rows` that `bitmap` allows."""
+    chosen = np.zeros_like(bitmap)
+    np.bitwise_or.at(chosen, rows >> 3, np.uint8(1) << (rows & 7).astype(np.uint8))
+    return chosen & bitmap
+
+
 def clear(bitmap: np.ndarray, rows: Iterable[int]) -> None:
     """Disallow item rows in place."""
     rows = np.fromiter(rows, np.int64)

@@ -16,7 +16,7 @@ import numpy as np
 
 from index.catalog import CatalogSnapshot
 from index.errors import NotFound
-from index.filters import CatalogFilters, ItemFilter, clear
+from index.filters import CatalogFilters, ItemFilter, clear, only
 from index.follower import SnapshotFollower
 from index.kernels import warm_up
 from index.model import History
@@ -55,13 +55,36 @@ class RankingConfig:
 
 
 @dataclass(frozen=True)
+class UserState:
+    """Which state of the user an answer was computed from (version 0: an unknown user)."""
+
+    version: int = 0
+    updated_at: float = 0.0  # when it was written (its last applied event)
+
+    @staticmethod
+    def of(record: UserRecord | None) -> UserState:
+        """The state of a record (or of no record)."""
+        return UserState() if record is None else UserState(record.version, record.updated_at)
+
+
+@dataclass(frozen=True)
 class Ranking:
-    """The answer to a Recommend call."""
+    """The answer to a Recommend (or RankItems) call."""
 
     items: list[Scored]
     source: str
-    user_version: int
+    user: UserState
     catalog: CatalogSnapshot  # the snapshot the rows refer to (it may be swapped since)
+    unknown: tuple[str, ...] = ()  # RankItems: the given ids not in the catalog
+
+
+@dataclass(frozen=True)
+class HomePage:
+    """The answer to a HomePage call."""
+
+    rows: list[Row]
+    user: UserState
+    catalog: CatalogSnapshot
 
 
 @dataclass(frozen=True)
@@ -83,6 +106,7 @@ class LiveCatalog:
     trending: np.ndarray = field(default_factory=lambda: np.zeros(0))  # recent counts per row
     trending_order: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     popular_order: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    popular_rank: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # inverse
 
     @staticmethod
     def of(catalog: CatalogSnapshot, recent: np.ndarray, blend: float) -> LiveCatalog:
@@ -101,8 +125,11 @@ class LiveCatalog:
             blend * recent / max(float(recent.max(initial=0.0)), 1e-9)
         order = np.argsort(-recent, kind="stable")
         # Assigned last: a request reading the orders mid-refresh sees old or new, both valid.
+        popular_order = np.argsort(-score, kind="stable")
+        popular_rank = np.empty_like(popular_order)
+        popular_rank[popular_order] = np.arange(len(popular_order))
         self.trending, self.trending_order = recent, order[recent[order] > 0]
-        self.popular_order = np.argsort(-score, kind="stable")
+        self.popular_order, self.popular_rank = popular_order, popular_rank
 
 
 class Ranker:
@@ -153,12 +180,12 @@ class Ranker:
         allowed = live.filters.bitmap(spec)
         if record is not None and not include_watched:
             allowed = self._without(live, allowed, self._watched(record))
-        version = record.version if record else 0
         query = self._query(live.catalog, record, retrieval)
         retrieve = self.retriever(live)
         if query is None:
-            return Ranking(retrieve.popular(k, allowed), POPULAR, version, live.catalog)
-        return Ranking(retrieve.personal(query, k, allowed), PERSONALIZED, version,
+            return Ranking(retrieve.popular(k, allowed), POPULAR, UserState.of(record),
+                           live.catalog)
+        return Ranking(retrieve.personal(query, k, allowed), PERSONALIZED, UserState.of(record),
                        live.catalog)
 
     def similar(self, item_id: str, k: int, spec: ItemFilter,
@@ -171,6 +198,26 @@ class Ranker:
         allowed = self._without(live, live.filters.bitmap(spec), [row])
         return self.retriever(live).personal(self._item_query(live.catalog, row, retrieval),
                                              k, allowed), live.catalog
+
+    def rank(self, user_id: str, item_ids: list[str], spec: ItemFilter,
+             retrieval: str | None = None) -> Ranking:
+        """The given items the filter allows, ordered for the user (by popularity for a user
+        with nothing to go on); the ids not in the catalog in `unknown`."""
+        live = self.live
+        catalog = live.catalog
+        rows = [catalog.item_index.get(item_id) for item_id in item_ids]
+        unknown = tuple(i for i, row in zip(item_ids, rows, strict=True) if row is None)
+        given = np.array([row for row in rows if row is not None], np.int64)
+        within = live.filters.bitmap(spec)
+        allowed = only(live.filters.all if within is None else within, given)
+        record = self._user(catalog, user_id)
+        query = self._query(catalog, record, retrieval)
+        retrieve = self.retriever(live)
+        if query is None:
+            return Ranking(retrieve.popular_among(given, allowed), POPULAR, UserState.of(record),
+                           catalog, unknown)
+        return Ranking(retrieve.rank(query, given, allowed), PERSONALIZED, UserState.of(record),
+                       catalog, unknown)
 
     def home(self, user_id: str, k: int, spec: ItemFilter,
              retrieval: str | None = None) -> tuple[list[Row], int, CatalogSnapshot]:
@@ -206,7 +253,7 @@ class Ranker:
             new_spec = ItemFilter(spec.genres_any, spec.genres_none, recent_from, spec.max_year)
             add("new_releases", "New releases for you", query, live.filters.bitmap(new_spec))
         add("trending", "Trending now", None, trending=True)
-        return rows, record.version if record else 0, catalog
+        return HomePage(rows, UserState.of(record), catalog)
 
     # -- internals -----------------------------------------------------------------------
 

@@ -84,8 +84,16 @@ class Retriever:
             return self._named(query, self._by_vector(query.vector, ann))
         return self._merged(query, reached, ann, self.blend_weight, k, allowed)
 
+    def rank(self, query: Query, rows: np.ndarray, allowed: np.ndarray) -> list[Scored]:
+        """The `rows` the bitmap allows (it allows no others), ordered for the query: each
+        scored by the query's sources on one scale over these rows."""
+        given = rows[allows_rows(allowed, rows)]
+        weight = {VECTOR: 0.0, NEIGHBOURS: 1.0}.get(query.retrieval, self.blend_weight)
+        return self._merged(query, query.reached, given, weight, len(given), allowed,
+                            n_best=len(given))
+
     def _merged(self, query: Query, reached: Candidates, ann: np.ndarray, weight: float,
-                k: int, allowed: np.ndarray | None) -> list[Scored]:
+                k: int, allowed: np.ndarray | None, n_best: int = 0) -> list[Scored]:
         """The best of the neighbour candidates the bitmap allows and the ANN's rows, each
         scored by both sources on one scale (`kernels.blend_top`; weight 1: the neighbours
         alone). The ANN's top k suffice from the vector side: an item outside the
@@ -95,8 +103,8 @@ class Retriever:
             readonly(np.ascontiguousarray(query.vector, np.float32))
         rows, scores, anchors = blend_top(
             reached.rows, reached.scores, reached.anchors,
-            _EVERY_ROW if allowed is None else allowed, self.neighbour_candidates, ann,
-            self.live.catalog.item_factors, vector, weight, k)
+            _EVERY_ROW if allowed is None else allowed, n_best or self.neighbour_candidates,
+            ann, self.live.catalog.item_factors, vector, weight, k)
         found = [Scored(r, s, WATCHED if a >= 0 else TASTE, a) for r, s, a in
                  zip(rows.tolist(), scores.tolist(), anchors.tolist(), strict=True)]
         return self._named(query, found)
@@ -137,6 +145,13 @@ class Retriever:
         order = np.argsort(-scores, kind="stable")
         return [Scored(r, s) for r, s in zip(rows[order].tolist(), scores[order].tolist(),
                                              strict=True)]
+
+    def popular_among(self, rows: np.ndarray, allowed: np.ndarray) -> list[Scored]:
+        """The `rows` the bitmap allows, in the popularity order."""
+        given = rows[allows_rows(allowed, rows)]
+        order = given[np.argsort(self.live.popular_rank[given], kind="stable")]
+        popularity = self.live.catalog.popularity
+        return [Scored(r, float(popularity[r]), POPULAR) for r in order.tolist()]
 
     def popular(self, k: int, allowed: np.ndarray | None,
                 by_trending: bool = False) -> list[Scored]:

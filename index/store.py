@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -312,3 +313,15 @@ class UserStore:
                                  f"{self.max_map_size} bytes)")
         with self._lock.exclusive():
             self.env.set_mapsize(size)
+
+
+def wait_until(read: Callable[[], int], target: int, timeout: float,
+               every_s: float = 0.001) -> int:
+    """Poll `read()` (e.g. a user's version: a read txn, ~10 us) until it reaches `target` or
+    `timeout` passes; the value reached (the caller decides what falling short means)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = read()
+        if value >= target or time.monotonic() >= deadline:
+            return value
+        time.sleep(every_s)

@@ -24,6 +24,7 @@ class Settings(ServerSettings):
         "help": "server processes sharing the port (SO_REUSEPORT); needs a fixed port"})
     max_workers: int = 16
     max_k: int = 500
+    max_rank_items: int = field(default=500, metadata={"help": "most item_ids in RankItems"})
     catalog_poll_s: float = 1.0
     trending_refresh_s: float = 5.0
     brute_force_below: int = RankingConfig.brute_force_below
@@ -38,13 +39,16 @@ class Settings(ServerSettings):
     neighbour_candidates: int = RankingConfig.neighbour_candidates
     max_log_wait_s: float = field(default=2.0, metadata={
         "help": "log mode: longest wait for a request's min_log_sequence"})
+    max_version_wait_s: float = field(default=2.0, metadata={
+        "help": "longest wait for a request's min_user_version"})
 
     def __post_init__(self) -> None:
         self.check_security()
         if self.workers < 1 or (self.workers > 1 and self.port == 0):
             raise ValueError("workers must be >= 1, and several workers need a fixed --port")
-        if self.max_k < 1:
-            raise ValueError(f"max_k must be >= 1, got {self.max_k}")
+        if self.max_k < 1 or self.max_rank_items < 1:
+            raise ValueError(f"max_k and max_rank_items must be >= 1, got {self.max_k} and "
+                             f"{self.max_rank_items}")
         _ = self.ranking  # its own checks
 
     @property

@@ -16,6 +16,11 @@ class RankingMetrics:
                                  buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.responses = Counter("freshrec_recommend_total", "Recommend answers by source",
                                  ["source"], registry=self.registry)
+        self.user_age = Histogram(
+            "freshrec_served_user_age_seconds",
+            "Age of the user state served: from its last applied event to the answer",
+            buckets=(0.01, 0.05, 0.25, 1, 5, 30, 120, 600, 3600, 6 * 3600, 86400, 7 * 86400),
+            registry=self.registry)
         self.catalog = Gauge("freshrec_catalog_info", "Catalog version served", ["version"],
                              registry=self.registry)
         self.reloads = Counter("freshrec_catalog_reloads_total", "Catalog reloads by outcome",

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,7 +27,7 @@ from eventlog import snapshots
 from eventlog.config import LogConfig
 from eventlog.jetstream import Loop, close, commit_stand, connect, ensure_log
 from index.changelog import CHANGELOG_KEY, POSITION_KEY, ChangelogError, replay
-from index.store import HALF_LIFE_KEY, StoreWriter, UserStore
+from index.store import HALF_LIFE_KEY, StoreWriter, UserStore, wait_until
 
 log = logging.getLogger("freshrec.replica")
 FOLLOWED_KEY = "log.followed_seq"  # the last changelog message applied
@@ -180,15 +179,7 @@ def _entries(msgs: list[Msg]) -> Iterator[tuple[Msg, int, int]]:
 
 def wait_for(store: UserStore, config: LogConfig, user_id: str, sequence: int,
              timeout: float) -> int:
-    """Wait until the user's partition is applied up to `sequence`; the position reached.
-
-    Polls the replica's meta (a read txn, ~10 us) every millisecond; returns whatever it
-    reached at the timeout (the caller decides).
-    """
+    """Wait until the user's partition is applied up to `sequence`; the position reached
+    (whatever it is at the timeout)."""
     key = position_key(config.partition(user_id))
-    deadline = time.monotonic() + timeout
-    while True:
-        position = int(store.get_meta(key) or 0)
-        if position >= sequence or time.monotonic() >= deadline:
-            return position
-        time.sleep(0.001)
+    return wait_until(lambda: int(store.get_meta(key) or 0), sequence, timeout)

@@ -11,6 +11,7 @@ go out unchanged (`add_ranking_service`).
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,6 +20,7 @@ from weakref import WeakKeyDictionary
 import grpc
 
 from index.catalog import CatalogSnapshot
+from index.ranking import UserState
 from index.retrieval import LIKE, POPULAR, TASTE, TRENDING, WATCHED, Scored
 from recsys.v1 import ranking_pb2
 
@@ -49,6 +51,15 @@ def _field(number: int, payload: bytes) -> bytes:
 def _number(number: int, value: int) -> bytes:
     """A varint field (enums, counts)."""
     return _varint(number << 3) + _varint(value)
+
+
+def _timestamp(number: int, at: float) -> bytes:
+    """A google.protobuf.Timestamp field of unix time `at` (none for 0: unset)."""
+    if at <= 0:
+        return b""
+    seconds = math.floor(at)
+    nanos = min(round((at - seconds) * 1e9), 999_999_999)
+    return _field(number, _number(1, seconds) + (_number(2, nanos) if nanos else b""))
 
 
 def to_reason(catalog: CatalogSnapshot, scored: Scored) -> ranking_pb2.Reason:
@@ -88,22 +99,30 @@ class Encoder:
                 6, to_reason(self.catalog, s).SerializeToString())
         return fixed + _SCORE + _FLOAT.pack(s.score) + reason
 
-    def recommend(self, scored: Sequence[Scored], source: int, user_version: int) -> bytes:
+    def recommend(self, scored: Sequence[Scored], source: int, user: UserState) -> bytes:
         """A RecommendResponse."""
-        return self.items(1, scored) + _number(2, source) + _number(3, user_version) + \
-            _field(4, self._model_version)
+        return self.items(1, scored) + _number(2, source) + _number(3, user.version) + \
+            _field(4, self._model_version) + _timestamp(5, user.updated_at)
+
+    def ranked(self, scored: Sequence[Scored], unknown: Sequence[str], source: int,
+               user: UserState) -> bytes:
+        """A RankItemsResponse."""
+        return self.items(1, scored) + b"".join(_field(2, i.encode()) for i in unknown) + \
+            _number(3, source) + _number(4, user.version) + _field(5, self._model_version) + \
+            _timestamp(6, user.updated_at)
 
     def similar(self, scored: Sequence[Scored]) -> bytes:
         """A SimilarItemsResponse."""
         return self.items(1, scored) + _field(2, self._model_version)
 
     def home(self, rows: Sequence[tuple[str, str, Sequence[Scored], int]],
-             user_version: int) -> bytes:
+             user: UserState) -> bytes:
         """A HomePageResponse of (id, title, items, source) rows."""
         encoded = [_field(1, _field(1, row_id.encode()) + _field(2, title.encode()) +
                           self.items(3, items) + _number(4, source))
                    for row_id, title, items, source in rows]
-        return b"".join(encoded) + _number(2, user_version) + _field(3, self._model_version)
+        return b"".join(encoded) + _number(2, user.version) + _field(3, self._model_version) + \
+            _timestamp(4, user.updated_at)
 
 
 _ENCODERS: WeakKeyDictionary[CatalogSnapshot, Encoder] = WeakKeyDictionary()
@@ -127,7 +146,8 @@ def add_ranking_service(servicer: Any, server: grpc.Server) -> None:
     requests: dict[str, Callable[[bytes], Any]] = {
         "Recommend": ranking_pb2.RecommendRequest.FromString,
         "SimilarItems": ranking_pb2.SimilarItemsRequest.FromString,
-        "HomePage": ranking_pb2.HomePageRequest.FromString}
+        "HomePage": ranking_pb2.HomePageRequest.FromString,
+        "RankItems": ranking_pb2.RankItemsRequest.FromString}
     handlers = {name: grpc.unary_unary_rpc_method_handler(
         getattr(servicer, name), request_deserializer=parse, response_serializer=_as_bytes)
         for name, parse in requests.items()}

@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -18,10 +18,10 @@ from index import snapshots_dir, users_dir
 from index.catalog import CatalogSnapshot
 from index.errors import InvalidArgument, Unavailable
 from index.filters import ItemFilter
-from index.ranking import PERSONALIZED, Ranker
+from index.ranking import PERSONALIZED, Ranker, UserState
 from index.retrieval import BLEND, NEIGHBOURS, VECTOR
 from index.snapshot import VERSION_PATTERN, SnapshotError
-from index.store import UserStore
+from index.store import UserStore, wait_until
 from ranking_service.config import Settings
 from ranking_service.metrics import RankingMetrics
 from ranking_service.responses import add_ranking_service, encoder
@@ -40,7 +40,8 @@ T = TypeVar("T")
 # Who may call what when auth is on (rpc.security): only admins reload the catalog.
 POLICY = {f"/{service}/{method}": role for service, method, role in (
     (SERVICES[0], "Recommend", "viewer"), (SERVICES[0], "SimilarItems", "viewer"),
-    (SERVICES[0], "HomePage", "viewer"), (SERVICES[1], "GetCatalogInfo", "viewer"),
+    (SERVICES[0], "HomePage", "viewer"), (SERVICES[0], "RankItems", "viewer"),
+    (SERVICES[1], "GetCatalogInfo", "viewer"),
     (SERVICES[1], "ReloadCatalog", "admin"))}
 
 
@@ -64,11 +65,14 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
     def __init__(self, settings: Settings, ranker: Ranker, metrics: RankingMetrics) -> None:
         self.settings, self.ranker, self.metrics = settings, ranker, metrics
 
-    def _check(self, name: str, value: str, k: int) -> None:
+    def _check_id(self, name: str, value: str) -> None:
         if not value:
             raise InvalidArgument(f"{name} is empty")
         if len(value.encode("utf-8")) > self.settings.max_id_length:
             raise InvalidArgument(f"{name} is longer than {self.settings.max_id_length} bytes")
+
+    def _check(self, name: str, value: str, k: int) -> None:
+        self._check_id(name, value)
         if not 1 <= k <= self.settings.max_k:
             raise InvalidArgument(f"k must be in [1, {self.settings.max_k}], got {k}")
 
@@ -79,36 +83,51 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         finally:
             self.metrics.latency.labels(rpc).observe(time.perf_counter() - started)
 
-    def _read_your_write(self, user_id: str, sequence: int,
-                         context: grpc.ServicerContext) -> None:
-        """Log mode: wait until this replica has applied the user's partition up to
-        `sequence`, within the deadline (less a margin to answer) and max_log_wait_s."""
-        if not sequence:
-            return
-        if not self.settings.log_urls:
+    def _wait_budget(self, context: grpc.ServicerContext, longest: float) -> float:
+        """How long a call may wait: within its deadline (less a margin to answer) and
+        `longest`."""
+        left = remaining(context)
+        return longest if left is None else max(min(longest, left - 0.05), 0.0)
+
+    def _read_your_write(self, request: Any, context: grpc.ServicerContext) -> None:
+        """Wait, if asked, until the user is at `min_user_version` (any mode) and (log mode)
+        this replica has applied the user's partition up to `min_log_sequence`."""
+        user_id, sequence = request.user_id, request.min_log_sequence
+        if request.min_user_version:
+            timeout = self._wait_budget(context, self.settings.max_version_wait_s)
+            reached = wait_until(lambda: UserState.of(self.ranker.store.get_user(user_id)).version,
+                                 request.min_user_version, timeout)
+            if reached < request.min_user_version:
+                raise TimeoutError(f"user {user_id!r} is at version {reached}, not "
+                                   f"{request.min_user_version}, after {timeout:.3f} s")
+        if not sequence or not self.settings.log_urls:
             return  # embedded: an acked event is already visible
         from ranking_service.replica import wait_for
 
-        left = remaining(context)
-        timeout = self.settings.max_log_wait_s if left is None else \
-            max(min(self.settings.max_log_wait_s, left - 0.05), 0.0)
+        timeout = self._wait_budget(context, self.settings.max_log_wait_s)
         reached = wait_for(self.ranker.store, self.settings.log, user_id, sequence, timeout)
         if reached < sequence:
             raise Unavailable(f"this replica has applied the user's partition up to log "
                               f"sequence {reached}, not {sequence}, after {timeout:.3f} s; "
                               "retry")
 
+    def _served(self, user: UserState) -> UserState:
+        if user.version:
+            self.metrics.user_age.observe(max(time.time() - user.updated_at, 0.0))
+        return user
+
     def Recommend(self, request: ranking_pb2.RecommendRequest, context: grpc.ServicerContext
                   ) -> bytes:  # an encoded RecommendResponse
         self._check("user_id", request.user_id, request.k)
-        self._read_your_write(request.user_id, request.min_log_sequence, context)
+        self._read_your_write(request, context)
         retrieval = to_retrieval(request.retrieval)
         ranking = self._timed("Recommend", lambda: self.ranker.recommend(
             request.user_id, request.k, to_filter(request.filter), request.include_watched,
             retrieval))
         self.metrics.responses.labels(ranking.source).inc()
         return encoder(ranking.catalog).recommend(
-            ranking.items, SOURCES.get(ranking.source, ranking_pb2.POPULAR), ranking.user_version)
+            ranking.items, SOURCES.get(ranking.source, ranking_pb2.POPULAR),
+            self._served(ranking.user))
 
     def SimilarItems(self, request: ranking_pb2.SimilarItemsRequest,
                      context: grpc.ServicerContext) -> bytes:
@@ -118,16 +137,37 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             request.item_id, request.k, to_filter(request.filter), retrieval))
         return encoder(catalog).similar(items)
 
+    def RankItems(self, request: ranking_pb2.RankItemsRequest, context: grpc.ServicerContext
+                  ) -> bytes:
+        self._check_id("user_id", request.user_id)
+        item_ids = list(request.item_ids)
+        if not 1 <= len(item_ids) <= self.settings.max_rank_items:
+            raise InvalidArgument(f"item_ids must hold 1 to {self.settings.max_rank_items} "
+                                  f"ids, got {len(item_ids)}")
+        seen: set[str] = set()
+        for index, item_id in enumerate(item_ids):
+            self._check_id(f"item_ids[{index}]", item_id)
+            if item_id in seen:
+                raise InvalidArgument(f"item_ids[{index}] {item_id!r} is given twice")
+            seen.add(item_id)
+        self._read_your_write(request, context)
+        retrieval = to_retrieval(request.retrieval)
+        ranking = self._timed("RankItems", lambda: self.ranker.rank(
+            request.user_id, item_ids, to_filter(request.filter), retrieval))
+        return encoder(ranking.catalog).ranked(
+            ranking.items, ranking.unknown, SOURCES.get(ranking.source, ranking_pb2.POPULAR),
+            self._served(ranking.user))
+
     def HomePage(self, request: ranking_pb2.HomePageRequest, context: grpc.ServicerContext
                  ) -> bytes:
         self._check("user_id", request.user_id, request.k_per_row)
-        self._read_your_write(request.user_id, request.min_log_sequence, context)
+        self._read_your_write(request, context)
         retrieval = to_retrieval(request.retrieval)
-        rows, version, catalog = self._timed("HomePage", lambda: self.ranker.home(
+        page = self._timed("HomePage", lambda: self.ranker.home(
             request.user_id, request.k_per_row, to_filter(request.filter), retrieval))
-        return encoder(catalog).home(
-            [(r.id, r.title, r.items, SOURCES.get(r.source, ranking_pb2.POPULAR)) for r in rows],
-            version)
+        return encoder(page.catalog).home(
+            [(r.id, r.title, r.items, SOURCES.get(r.source, ranking_pb2.POPULAR))
+             for r in page.rows], self._served(page.user))
 
 
 def catalog_info(catalog: CatalogSnapshot) -> catalog_pb2.CatalogInfo:

@@ -28,7 +28,7 @@ scored_items = st.builds(
 @settings(max_examples=200, deadline=None)
 @given(items=st.lists(scored_items, max_size=12), source=st.sampled_from([1, 2]),
        version=st.integers(0, 2**64 - 1))
-def test_encoded_recommend_and_similar_equal_the_message_api(
+def test_encoded_recommend_similar_and_rank_items_equal_the_message_api(
     catalog: CatalogSnapshot, items: list[Scored], source: int, version: int
 ) -> None:
     encode = encoder(catalog)
@@ -40,6 +40,11 @@ def test_encoded_recommend_and_similar_equal_the_message_api(
     assert ranking_pb2.SimilarItemsResponse.FromString(encode.similar(items)) == \
         ranking_pb2.SimilarItemsResponse(items=expected.items,
                                          model_version=catalog.model_version)
+    unknown = [f"gone-{s.row}" for s in items[:3]]
+    assert ranking_pb2.RankItemsResponse.FromString(
+        encode.ranked(items, unknown, source, version)) == ranking_pb2.RankItemsResponse(
+            items=expected.items, unknown_item_ids=unknown, source=source,  # type: ignore[arg-type]
+            user_version=version, model_version=catalog.model_version)
 
 
 @settings(max_examples=100, deadline=None)
