@@ -16,15 +16,22 @@ _LISTENING = re.compile(r" on [\d.]+:(\d+) \(")
 
 def start_process(module: str, data_dir: Path, *args: str, port: int = 0,
                   workers: int = 1) -> tuple[subprocess.Popen[str], int]:
-    """Start `python -m <module>` on `port` (0: a free one); return once it listens.
+    """Start `python -m <module>` from this checkout on `port` (0: a free one); return once
+    it listens."""
+    command = [sys.executable, "-m", module, "--data-dir", str(data_dir), "--port", str(port),
+               *(["--workers", str(workers)] if module == "ranking_service" else []), *args]
+    return start_command(command, {**os.environ, "PYTHONPATH": os.getcwd()}, workers)
+
+
+def start_command(command: list[str], env: dict[str, str],
+                  workers: int = 1) -> tuple[subprocess.Popen[str], int]:
+    """Start a server command; return it and its port once it listens.
 
     "Listens" is read off the log: each server process says "... on HOST:PORT (...", and
     with `workers` processes behind one port all of them must have said it.
     """
-    command = [sys.executable, "-m", module, "--data-dir", str(data_dir), "--port", str(port),
-               *(["--workers", str(workers)] if module == "ranking_service" else []), *args]
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+                            text=True, env=env)
     assert proc.stderr is not None
     seen, listening = [], 0
     for line in proc.stderr:
@@ -36,7 +43,7 @@ def start_process(module: str, data_dir: Path, *args: str, port: int = 0,
             threading.Thread(target=proc.stderr.read, daemon=True).start()
             return proc, int(found.group(1))
     proc.wait(10)
-    raise RuntimeError(f"{module} did not start: {''.join(seen)[-2000:]}")
+    raise RuntimeError(f"{command[0]} did not start: {''.join(seen)[-2000:]}")
 
 
 def stop(procs: Iterable[subprocess.Popen[str]], sig: int = signal.SIGTERM,

@@ -1,0 +1,1 @@
+"""freshrec for its callers: the Python client (`freshrec.client`)."""
