@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import TypeAlias
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -34,6 +35,8 @@ from recsys.v1 import events_pb2, events_pb2_grpc, ranking_pb2, ranking_pb2_grpc
 
 EVENTS, RANKING = "recsys.v1.EventService", "recsys.v1.RankingService"
 RETRYABLE = ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]
+Retrieval: TypeAlias = ranking_pb2.Retrieval
+BLEND: Retrieval = ranking_pb2.RETRIEVAL_BLEND
 # A broken IngestStream is reopened (and its unacked batches sent again) on these.
 _RECONNECT_ON = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
                  grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED}
@@ -126,41 +129,42 @@ class Client:
     # -- ranking ------------------------------------------------------------------------
 
     def recommend(self, user_id: str, k: int = 10, *, filter: ranking_pb2.Filter | None = None,
-                  include_watched: bool = False, retrieval: int = 0,
-                  min_log_sequence: int = 0, timeout: float | None = None
-                  ) -> ranking_pb2.RecommendResponse:
-        """The user's top k items, each with its reason."""
+                  include_watched: bool = False, retrieval: Retrieval = BLEND,
+                  min_user_version: int = 0, min_log_sequence: int = 0,
+                  timeout: float | None = None) -> ranking_pb2.RecommendResponse:
+        """The user's top k items, each with its reason. `min_user_version` (a Track's
+        `user_version`) reads your write: the service waits for it within the deadline."""
         return self.ranking.Recommend(ranking_pb2.RecommendRequest(
             user_id=user_id, k=k, filter=filter, include_watched=include_watched,
-            retrieval=retrieval, min_log_sequence=min_log_sequence),  # type: ignore[arg-type]
-            timeout=self._timeout(timeout))
+            retrieval=retrieval, min_user_version=min_user_version,
+            min_log_sequence=min_log_sequence), timeout=self._timeout(timeout))
 
     def home_page(self, user_id: str, k_per_row: int = 10, *,
-                  filter: ranking_pb2.Filter | None = None, retrieval: int = 0,
-                  min_log_sequence: int = 0, timeout: float | None = None
-                  ) -> ranking_pb2.HomePageResponse:
-        """The user's home page rows."""
+                  filter: ranking_pb2.Filter | None = None, retrieval: Retrieval = BLEND,
+                  min_user_version: int = 0, min_log_sequence: int = 0,
+                  timeout: float | None = None) -> ranking_pb2.HomePageResponse:
+        """The user's home page rows (`min_user_version` as in `recommend`)."""
         return self.ranking.HomePage(ranking_pb2.HomePageRequest(
             user_id=user_id, k_per_row=k_per_row, filter=filter, retrieval=retrieval,
-            min_log_sequence=min_log_sequence),  # type: ignore[arg-type]
+            min_user_version=min_user_version, min_log_sequence=min_log_sequence),
             timeout=self._timeout(timeout))
 
     def similar_items(self, item_id: str, k: int = 10, *,
-                      filter: ranking_pb2.Filter | None = None, retrieval: int = 0,
+                      filter: ranking_pb2.Filter | None = None, retrieval: Retrieval = BLEND,
                       timeout: float | None = None) -> ranking_pb2.SimilarItemsResponse:
         """Items like `item_id`."""
         return self.ranking.SimilarItems(ranking_pb2.SimilarItemsRequest(
-            item_id=item_id, k=k, filter=filter, retrieval=retrieval),  # type: ignore[arg-type]
+            item_id=item_id, k=k, filter=filter, retrieval=retrieval),
             timeout=self._timeout(timeout))
 
     def rank_items(self, user_id: str, item_ids: Sequence[str], *,
-                   filter: ranking_pb2.Filter | None = None, retrieval: int = 0,
-                   min_log_sequence: int = 0, timeout: float | None = None
-                   ) -> ranking_pb2.RankItemsResponse:
-        """The given items ordered for the user (unknown ids reported)."""
+                   filter: ranking_pb2.Filter | None = None, retrieval: Retrieval = BLEND,
+                   min_user_version: int = 0, min_log_sequence: int = 0,
+                   timeout: float | None = None) -> ranking_pb2.RankItemsResponse:
+        """The given items ordered for the user (unknown ids reported, not fatal)."""
         return self.ranking.RankItems(ranking_pb2.RankItemsRequest(
             user_id=user_id, item_ids=list(item_ids), filter=filter, retrieval=retrieval,
-            min_log_sequence=min_log_sequence),  # type: ignore[arg-type]
+            min_user_version=min_user_version, min_log_sequence=min_log_sequence),
             timeout=self._timeout(timeout))
 
     # -- events -------------------------------------------------------------------------

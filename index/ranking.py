@@ -220,7 +220,7 @@ class Ranker:
                        catalog, unknown)
 
     def home(self, user_id: str, k: int, spec: ItemFilter,
-             retrieval: str | None = None) -> tuple[list[Row], int, CatalogSnapshot]:
+             retrieval: str | None = None) -> HomePage:
         """The home page rows, no item repeated across rows."""
         live = self.live
         catalog = live.catalog

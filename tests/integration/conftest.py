@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import shutil
+import socket
+import subprocess
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,7 @@ import numpy as np
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from bench.services import start_process, stop
 from event_service.config import Settings
 from event_service.server import Deps, create_server, open_deps
 from index import snapshots_dir
@@ -96,6 +100,38 @@ class RunningEvents:
     def close(self) -> None:
         self.channel.close()
         self.server.stop(grace=2)
+
+
+def free_port() -> int:
+    """A port nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class EventProcess:
+    """The event service as its own process (so an in-process ranking server can open the
+    same store), with its /metrics port."""
+
+    proc: subprocess.Popen[str]
+    port: int
+    metrics_port: int
+    stub: events_pb2_grpc.EventServiceStub
+
+
+@pytest.fixture()
+def events_process(fresh_data_dir: Path) -> Iterator[EventProcess]:
+    """An event service process over the test's private data dir (stopped by pid)."""
+    metrics_port = free_port()
+    proc, port = start_process("event_service", fresh_data_dir, "--metrics-port",
+                               str(metrics_port))
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield EventProcess(proc, port, metrics_port, events_pb2_grpc.EventServiceStub(channel))
+    finally:
+        channel.close()
+        assert stop([proc]) == [0]
 
 
 @pytest.fixture()

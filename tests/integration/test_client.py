@@ -4,7 +4,6 @@ that survives a kill -9 and restart of the event service with nothing lost or ap
 from __future__ import annotations
 
 import signal
-import socket
 import threading
 import time
 from collections import Counter
@@ -19,11 +18,12 @@ from bench.services import start_process, stop
 from freshrec.client import Client, EventStream, playback
 from index.catalog import CatalogSnapshot
 from recsys.v1 import events_pb2_grpc, ranking_pb2, ranking_pb2_grpc
-from tests.integration.conftest import RunningEvents, RunningRanking
+from tests.integration.conftest import EventProcess, RunningRanking, free_port
 
 
 def test_every_call_answers_with_its_deadline_and_reasons(
-        events: RunningEvents, ranking: RunningRanking, catalog: CatalogSnapshot) -> None:
+        events_process: EventProcess, ranking: RunningRanking, catalog: CatalogSnapshot) -> None:
+    events = events_process
     item = catalog.item_ids[0]
     with Client(f"127.0.0.1:{events.port}", f"127.0.0.1:{ranking.port}") as client:
         tracked = client.track("c1", "client-user", item)
@@ -75,15 +75,9 @@ def test_grpc_retries_a_safe_call_through_the_service_config() -> None:
         server.stop(0)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def test_a_stream_survives_a_kill_and_restart_with_nothing_lost_or_applied_twice(
         fresh_data_dir: Path, catalog: CatalogSnapshot) -> None:
-    port = _free_port()
+    port = free_port()
     server, _ = start_process("event_service", fresh_data_dir, port=port)
     users = [f"stream-{u}" for u in range(40)]
     sent: Counter[str] = Counter()

@@ -102,7 +102,8 @@ def test_untimed_events_happened_when_received_said_and_counted(events: RunningE
     timed = events.stub.Track(events_pb2.TrackRequest(event=playback("t1", "untimed-u", "i2")))
     assert not timed.occurred_at_defaulted
     summary = events.stub.Ingest(iter([events_pb2.IngestRequest(events=[
-        _untimed("t2", "untimed-u", "i3"), playback("t3", "untimed-u", "i4"), _untimed("t4", "untimed-u", "i5")])]))
+        _untimed("t2", "untimed-u", "i3"), playback("t3", "untimed-u", "i4"),
+        _untimed("t4", "untimed-u", "i5")])]))
     assert (summary.accepted, summary.occurred_at_defaulted) == (3, 2)
     acks = list(events.stub.IngestStream(iter([events_pb2.IngestStreamRequest(
         sequence=1, events=[_untimed("t5", "untimed-u", "i6")])])))
@@ -261,17 +262,17 @@ def test_a_new_snapshot_is_followed_and_every_user_is_refolded_in_the_background
             time.sleep(0.05)
         assert events.deps.writer.catalogs.version == "small-v2"
         v2 = CatalogSnapshot.load(root, "small-v2")
-        for user in ("u0", "untimed-u", "u599"):  # without any event of theirs
+        for user in ("u0", "u20", "u599"):  # without any event of theirs
             got = events.stub.GetUser(events_pb2.GetUserRequest(user_id=user))
             assert got.model_version == "small-v2"
             record = events.deps.store.get_user(user)
             assert record is not None
             expected = v2.fold_in.exact([v2.history(record)])[0]
             np.testing.assert_allclose(got.vector, expected, atol=1e-5)
-        events.stub.Track(events_pb2.TrackRequest(event=playback("after-v2", "untimed-u",
+        events.stub.Track(events_pb2.TrackRequest(event=playback("after-v2", "u20",
                                                                  catalog.item_ids[2])))
-        after = events.stub.GetUser(events_pb2.GetUserRequest(user_id="untimed-u"))
-        record = events.deps.store.get_user("untimed-u")
+        after = events.stub.GetUser(events_pb2.GetUserRequest(user_id="u20"))
+        record = events.deps.store.get_user("u20")
         assert after.model_version == "small-v2" and record is not None
         np.testing.assert_allclose(after.vector, v2.fold_in.exact([v2.history(record)])[0],
                                    atol=1e-5)

@@ -4,31 +4,23 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import urllib.request
 from pathlib import Path
 
 import yaml
 
 from event_service.metrics import WorkerMetrics
+from ranking_service.metrics import RankingMetrics
 from recsys.v1 import events_pb2, ranking_pb2
-from tests.integration.conftest import RunningEvents, RunningRanking, playback
+from tests.integration.conftest import EventProcess, RunningRanking, free_port, playback
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 METRIC = re.compile(r"\b(freshrec_[a-z0-9_]+)")
 BUILT_IN = {"up"}  # Prometheus's own series
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _exported(metrics: object) -> set[str]:
-    """The series names /metrics serves (a histogram's _bucket/_sum/_count included)."""
-    port = _free_port()
-    metrics.serve(port, "127.0.0.1")  # type: ignore[attr-defined]
+def _exported(port: int) -> set[str]:
+    """The series names a /metrics serves (a histogram's _bucket/_sum/_count included)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     names = set()
     for line in text.splitlines():
@@ -51,12 +43,20 @@ def _queried() -> dict[str, set[str]]:
     return {where: set(METRIC.findall(expr)) for where, expr in exprs.items()}
 
 
+def _served(metrics: RankingMetrics | WorkerMetrics) -> int:
+    port = free_port()
+    metrics.serve(port, "127.0.0.1")
+    return port
+
+
 def test_every_metric_the_dashboard_and_alerts_query_is_exported(
-        events: RunningEvents, ranking: RunningRanking) -> None:
-    events.stub.Track(events_pb2.TrackRequest(event=playback("o1", "obs", "i1")))
+        events_process: EventProcess, ranking: RunningRanking) -> None:
+    events_process.stub.Track(events_pb2.TrackRequest(event=playback("o1", "obs", "i1")))
     ranking.stub.Recommend(ranking_pb2.RecommendRequest(user_id="obs", k=3))
-    exported = _exported(events.deps.metrics) | _exported(ranking.deps.metrics) | \
-        _exported(WorkerMetrics())  # the log mode's workers
+    # The event service's own process, the ranking server's registry, and a log-mode
+    # worker's (the same class its process serves).
+    exported = _exported(events_process.metrics_port) | \
+        _exported(_served(ranking.deps.metrics)) | _exported(_served(WorkerMetrics()))
     queried = _queried()
     assert len(queried) >= 20
     missing = {where: sorted(names - exported - BUILT_IN)

@@ -11,16 +11,12 @@ import grpc
 import pytest
 
 from recsys.v1 import events_pb2, ranking_pb2
-from tests.integration.conftest import (
-    RunningEvents,
-    RunningRanking,
-    playback,
-    ranking_settings,
-)
+from tests.integration.conftest import EventProcess, RunningRanking, playback, ranking_settings
 
 
 def test_a_read_waits_for_the_version_a_write_will_reach(
-        events: RunningEvents, ranking: RunningRanking) -> None:
+        events_process: EventProcess, ranking: RunningRanking) -> None:
+    events = events_process
     first = events.stub.Track(events_pb2.TrackRequest(event=playback("w1", "ryw", "i1")))
     late = threading.Timer(0.3, lambda: events.stub.Track(
         events_pb2.TrackRequest(event=playback("w2", "ryw", "i2"))))

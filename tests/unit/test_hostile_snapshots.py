@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 from index import snapshots_dir
 from index.catalog import CatalogSnapshot
 from index.neighbours import candidates
-from index.ranking import LiveCatalog
+from index.ranking import LiveCatalog, UserState
 from index.retrieval import Scored
 from index.snapshot import (
     CURRENT,
@@ -130,7 +130,7 @@ def _servable(catalog: CatalogSnapshot) -> None:
     # The ranking service puts these into CatalogInfo and ScoredItem messages.
     catalog_info(catalog)
     Encoder(catalog).recommend([Scored(row, 1.0, "similar_to_watched", 0)
-                                for row in (0, len(catalog) - 1)], 1, 1)
+                                for row in (0, len(catalog) - 1)], 1, UserState(1))
     if catalog.index is not None:
         catalog.search(np.asarray(catalog.item_factors[0], np.float32), 5)
     if catalog.neighbours is not None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from index.catalog import CatalogSnapshot
+from index.ranking import UserState
 from index.retrieval import LIKE, POPULAR, TASTE, TRENDING, WATCHED, Scored
 from ranking_service.responses import Encoder, encoder, to_reason
 from recsys.v1 import ranking_pb2
@@ -25,24 +28,40 @@ scored_items = st.builds(
     st.sampled_from([TASTE, WATCHED, LIKE, POPULAR, TRENDING]), st.integers(0, 1999))
 
 
+user_states = st.builds(UserState, st.integers(0, 2**64 - 1),
+                        st.one_of(st.just(0.0), st.floats(1e-3, 4e9)))
+
+
+def _without_time(message: Any, user: UserState) -> Any:
+    """The message with its user_updated_at checked against `user` and cleared."""
+    if user.updated_at > 0:
+        at = message.user_updated_at.ToNanoseconds() / 1e9
+        assert abs(at - user.updated_at) <= 1e-6 * max(1.0, user.updated_at / 1e3)
+    else:
+        assert not message.HasField("user_updated_at")
+    message.ClearField("user_updated_at")
+    return message
+
+
 @settings(max_examples=200, deadline=None)
 @given(items=st.lists(scored_items, max_size=12), source=st.sampled_from([1, 2]),
-       version=st.integers(0, 2**64 - 1))
+       user=user_states)
 def test_encoded_recommend_similar_and_rank_items_equal_the_message_api(
-    catalog: CatalogSnapshot, items: list[Scored], source: int, version: int
+    catalog: CatalogSnapshot, items: list[Scored], source: int, user: UserState
 ) -> None:
     encode = encoder(catalog)
+    version = user.version
     expected = ranking_pb2.RecommendResponse(
         items=[_message(catalog, s) for s in items], source=source,  # type: ignore[arg-type]
         user_version=version, model_version=catalog.model_version)
-    assert ranking_pb2.RecommendResponse.FromString(
-        encode.recommend(items, source, version)) == expected
+    assert _without_time(ranking_pb2.RecommendResponse.FromString(
+        encode.recommend(items, source, user)), user) == expected
     assert ranking_pb2.SimilarItemsResponse.FromString(encode.similar(items)) == \
         ranking_pb2.SimilarItemsResponse(items=expected.items,
                                          model_version=catalog.model_version)
     unknown = [f"gone-{s.row}" for s in items[:3]]
-    assert ranking_pb2.RankItemsResponse.FromString(
-        encode.ranked(items, unknown, source, version)) == ranking_pb2.RankItemsResponse(
+    assert _without_time(ranking_pb2.RankItemsResponse.FromString(
+        encode.ranked(items, unknown, source, user)), user) == ranking_pb2.RankItemsResponse(
             items=expected.items, unknown_item_ids=unknown, source=source,  # type: ignore[arg-type]
             user_version=version, model_version=catalog.model_version)
 
@@ -50,22 +69,22 @@ def test_encoded_recommend_similar_and_rank_items_equal_the_message_api(
 @settings(max_examples=100, deadline=None)
 @given(rows=st.lists(st.tuples(st.text(max_size=20), st.text(max_size=40),
                                st.lists(scored_items, max_size=5), st.sampled_from([1, 2])),
-                     max_size=4), version=st.integers(0, 2**40))
+                     max_size=4), user=user_states)
 def test_encoded_home_page_equals_the_message_api(catalog: CatalogSnapshot,
-                                                  rows: list, version: int) -> None:
+                                                  rows: list, user: UserState) -> None:
     expected = ranking_pb2.HomePageResponse(
         rows=[ranking_pb2.Row(id=i, title=t, items=[_message(catalog, s) for s in items],
                               source=source) for i, t, items, source in rows],
-        user_version=version, model_version=catalog.model_version)
-    assert ranking_pb2.HomePageResponse.FromString(Encoder(catalog).home(rows, version)) == \
-        expected
+        user_version=user.version, model_version=catalog.model_version)
+    assert _without_time(ranking_pb2.HomePageResponse.FromString(
+        Encoder(catalog).home(rows, user)), user) == expected
 
 
 def test_one_encoder_per_snapshot(catalog: CatalogSnapshot) -> None:
     assert encoder(catalog) is encoder(catalog)
     reason = ranking_pb2.RecommendResponse.FromString(
-        encoder(catalog).recommend([Scored(3, 1.0, WATCHED, 5)], 1, 1)).items[0].reason
+        encoder(catalog).recommend([Scored(3, 1.0, WATCHED, 5)], 1, UserState(1))).items[0].reason
     assert reason.item_id == catalog.item_ids[5]
     assert reason.text == f"Because you watched {catalog.titles[5]}"
     with pytest.raises(KeyError):
-        encoder(catalog).recommend([Scored(3, 1.0, "no-such-reason")], 1, 1)
+        encoder(catalog).recommend([Scored(3, 1.0, "no-such-reason")], 1, UserState(1))
