@@ -168,7 +168,8 @@ class EventServicer(events_pb2_grpc.EventServiceServicer):
         return events_pb2.User(user_id=record.user_id, vector=record.vector.tolist(),
                                version=record.version, model_version=record.model_version,
                                updated_at=updated, history_size=len(record.item_ids),
-                               recent_item_ids=record.recent_item_ids(20))
+                               recent_item_ids=record.recent_item_ids(20),
+                               dismissed_item_ids=record.dismissed[::-1])
 
 
 def _count(response: Any, submission: Submission, outcomes: list[Outcome]) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from index.catalog import CatalogSnapshot
-from index.events import Event, EventWeights, Rejection
+from index.events import Event, EventType, EventWeights, Rejection
 from index.history import Play
 from index.model import History
 from index.store import StoreWriter
@@ -62,6 +62,7 @@ def apply_group(writer: StoreWriter, catalog: CatalogSnapshot, events: Sequence[
     plays = weighed_plays(events, fresh, weights)
     count_items(writer, plays, now)
     records = refresh_users(writer, catalog, plays, policy, cache, now)
+    records |= dismiss(writer, _dismissals(events, fresh), records, now)
     versions = {user: record.version for user, record in records.items()}
     return [Outcome(not new, event.item_id in catalog.item_index,
                     versions.get(event.user_id) or _version(writer, event.user_id))
@@ -84,11 +85,32 @@ def weighed_plays(events: Sequence[Event], fresh: Sequence[bool],
     """The new events as (item, weight, occurred_at) plays, per user, in arrival order."""
     plays: dict[str, list[Play]] = defaultdict(list)
     for event, new in zip(events, fresh, strict=True):
-        if new:
+        if new and event.type != EventType.NOT_INTERESTED:
             assert event.occurred_at is not None  # checked by check_batch
             plays[event.user_id].append((event.item_id, weights.weight(event),
                                          event.occurred_at))
     return plays
+
+
+def _dismissals(events: Sequence[Event], fresh: Sequence[bool]) -> dict[str, list[str]]:
+    """The new NOT_INTERESTED events' items, per user, in arrival order."""
+    items: dict[str, list[str]] = defaultdict(list)
+    for event, new in zip(events, fresh, strict=True):
+        if new and event.type == EventType.NOT_INTERESTED:
+            items[event.user_id].append(event.item_id)
+    return items
+
+
+def dismiss(writer: StoreWriter, items: dict[str, list[str]],
+            written: dict[str, UserRecord], now: float) -> dict[str, UserRecord]:
+    """Add the dismissed items to each user's record (after this group's plays, if any);
+    the records written. History and vector stay as they are."""
+    out = {}
+    for user_id, dismissed in items.items():
+        record = written.get(user_id) or writer.get_user(user_id) or UserRecord.new(user_id)
+        out[user_id] = record.with_dismissed(dismissed).evolve(updated_at=now)
+        writer.put_user(out[user_id])
+    return out
 
 
 def count_items(writer: StoreWriter, plays: dict[str, list[Play]], now: float) -> None:

@@ -3,6 +3,8 @@
 Weighting (configurable, see `EventWeights`): a completed play weighs its watch fraction
 (1 when unset), progress weighs half its watch fraction, a start weighs 0.1. Weights of
 an item accumulate in the user's history and enter the model as ``c = 1 + alpha * w``.
+NOT_INTERESTED is not a play: the item is excluded from the user's recommendations, and
+the vector does not move (implicit-feedback ALS has no negative preference to fold in).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class EventType(IntEnum):
     PLAY_START = 1
     PLAY_PROGRESS = 2
     PLAY_COMPLETE = 3
+    NOT_INTERESTED = 4  # a dismissal, not a play
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,8 @@ def validate(event: Event, now: float, limits: Limits) -> tuple[str, str] | None
         problem = _check_id(name, getattr(event, name), limits)
         if problem:
             return problem
-    if event.type not in (EventType.PLAY_START, EventType.PLAY_PROGRESS, EventType.PLAY_COMPLETE):
+    if event.type not in (EventType.PLAY_START, EventType.PLAY_PROGRESS, EventType.PLAY_COMPLETE,
+                          EventType.NOT_INTERESTED):
         return "unknown_event_type", f"event type {event.type} is not a known EventType"
     if not math.isfinite(event.watch_fraction):
         return "watch_fraction_not_finite", f"watch_fraction is {event.watch_fraction}"

@@ -178,8 +178,8 @@ class Ranker:
         live = self.live
         record = self._user(live.catalog, user_id)
         allowed = live.filters.bitmap(spec)
-        if record is not None and not include_watched:
-            allowed = self._without(live, allowed, self._watched(record))
+        allowed = self._without(live, allowed, self._excluded(live.catalog, record,
+                                                              watched=not include_watched))
         query = self._query(live.catalog, record, retrieval)
         retrieve = self.retriever(live)
         if query is None:
@@ -201,8 +201,9 @@ class Ranker:
 
     def rank(self, user_id: str, item_ids: list[str], spec: ItemFilter,
              retrieval: str | None = None) -> Ranking:
-        """The given items the filter allows, ordered for the user (by popularity for a user
-        with nothing to go on); the ids not in the catalog in `unknown`."""
+        """The given items the filter allows and the user has not dismissed, ordered for the
+        user (by popularity for a user with nothing to go on); the ids not in the catalog in
+        `unknown`."""
         live = self.live
         catalog = live.catalog
         rows = [catalog.item_index.get(item_id) for item_id in item_ids]
@@ -211,6 +212,7 @@ class Ranker:
         within = live.filters.bitmap(spec)
         allowed = only(live.filters.all if within is None else within, given)
         record = self._user(catalog, user_id)
+        clear(allowed, self._excluded(catalog, record, watched=False))
         query = self._query(catalog, record, retrieval)
         retrieve = self.retriever(live)
         if query is None:
@@ -228,8 +230,8 @@ class Ranker:
         query = self._query(catalog, record, retrieval)
         # What is left to show: the filter's items, less the watched ones and (as the rows
         # fill) those shown in an earlier row. One private bitmap, cleared in place.
-        left = self._without(live, live.filters.bitmap(spec), [] if record is None else
-                             self._watched(record), always_copy=True)
+        left = self._without(live, live.filters.bitmap(spec), self._excluded(catalog, record),
+                             always_copy=True)
         assert left is not None
         retrieve = self.retriever(live)
         rows: list[Row] = []
@@ -297,8 +299,14 @@ class Ranker:
         return catalog.fold_in.exact([history])[0]
 
     @staticmethod
-    def _watched(record: UserRecord) -> list[int]:
-        return record.rows[record.rows >= 0].tolist()  # type: ignore[no-any-return]
+    def _excluded(catalog: CatalogSnapshot, record: UserRecord | None,
+                  watched: bool = True) -> list[int]:
+        """Rows never shown to the user: the items they dismissed, and (`watched`) those in
+        their history."""
+        if record is None:
+            return []
+        rows = [row for row in map(catalog.item_index.get, record.dismissed) if row is not None]
+        return rows + record.rows[record.rows >= 0].tolist() if watched else rows
 
     @staticmethod
     def _without(live: LiveCatalog, allowed: np.ndarray | None, rows: list[int],

@@ -3,12 +3,14 @@
 The history policy (accumulate, decay, evict) is `index.history`'s.
 
 Binary form (never pickle), little-endian: a header (format, flags, dim, history length,
-model-version length, ids length, version, updated_at, half_life_s, reference), the
-model version (UTF-8), the vector (float32 x dim), then per item its row in that model's
-catalog (int32, -1 if not in it), summed weight (float32), decayed weight (float64),
-latest play time (float64) and id length (uint16), then the ids, concatenated. Every
-array decodes as a view of the stored bytes; the ids are split only when asked for.
-Format 1 (no rows, no decayed weights) is still read.
+model-version length, ids length, version, updated_at, half_life_s, reference, dismissed
+length), the model version (UTF-8), the vector (float32 x dim), then per item its row in
+that model's catalog (int32, -1 if not in it), summed weight (float32), decayed weight
+(float64), latest play time (float64) and id length (uint16), then the ids,
+concatenated, then the ids of the items the user dismissed ("not interested"), joined by
+newlines (event ids are printable). Every array decodes as a view of the stored bytes;
+the ids are split only when asked for. Formats 1 (no rows, no decayed weights) and 2 (no
+dismissals) are still read.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ import numpy as np
 
 from index.history import Change, HistoryMerge, Play, decay
 
-RECORD_FORMAT = 2
+RECORD_FORMAT = 3
 MAX_HISTORY = 500  # items kept per user: the fold-in and watched-exclusion see these
+MAX_DISMISSED = 1000  # "not interested" items kept per user, the latest
 ROWS_VALID = 1  # header flag: the rows index the catalog of the record's model version
-_HEADER = struct.Struct("<BBHHHIQddd")
+_HEADER = struct.Struct("<BBHHHIQdddI")
+_HEADER_V2 = struct.Struct("<BBHHHIQddd")  # format 2: the same, without dismissals
 _HEADER_V1 = struct.Struct("<BBHHHIQd")
 _EMPTY_F8 = np.zeros(0, np.float64)
 _DERIVED = ("item_ids", "known_count", "_offsets")  # cached from the fields: never copied
@@ -49,6 +53,7 @@ class UserRecord:
     last_at: np.ndarray  # float64, unix time of the item's latest play
     id_lengths: np.ndarray  # uint16, bytes of each item id in `ids`
     ids: bytes  # the item ids (UTF-8), concatenated
+    dismissed: tuple[str, ...] = ()  # items the user is not interested in, oldest first
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -83,12 +88,15 @@ class UserRecord:
     def encode(self) -> bytes:
         """Compact binary form (never pickle)."""
         model = self.model_version.encode("utf-8")
+        dismissed = "\n".join(self.dismissed).encode("utf-8")
         header = _HEADER.pack(RECORD_FORMAT, ROWS_VALID if self.rows_valid else 0,
                               len(self.vector), len(self), len(model), len(self.ids),
-                              self.version, self.updated_at, self.half_life_s, self.reference)
+                              self.version, self.updated_at, self.half_life_s, self.reference,
+                              len(dismissed))
         return b"".join((header, model, _bytes(self.vector, "<f4"), _bytes(self.rows, "<i4"),
                          _bytes(self.weights, "<f4"), _bytes(self.decayed, "<f8"),
-                         _bytes(self.last_at, "<f8"), _bytes(self.id_lengths, "<u2"), self.ids))
+                         _bytes(self.last_at, "<f8"), _bytes(self.id_lengths, "<u2"), self.ids,
+                         dismissed))
 
     @staticmethod
     def decode(user_id: str, raw: bytes | memoryview) -> UserRecord:
@@ -98,17 +106,20 @@ class UserRecord:
             raise ValueError(f"user {user_id!r}: record shorter than its header")
         if raw[0] == 1:
             return _decode_v1(user_id, raw)
-        if raw[0] != RECORD_FORMAT or len(raw) < _HEADER.size:
+        header = {2: _HEADER_V2, RECORD_FORMAT: _HEADER}.get(raw[0])
+        if header is None or len(raw) < header.size:
             raise ValueError(f"user {user_id!r}: unknown record format {raw[0]}")
-        _, flags, dim, n, model_len, ids_len, version, updated_at, half_life, reference = \
-            _HEADER.unpack_from(raw)
-        at = _HEADER.size + model_len
+        _, flags, dim, n, model_len, ids_len, version, updated_at, half_life, reference, \
+            *dismissed_len = header.unpack_from(raw)
+        at = header.size + model_len
+        tail = sum(dismissed_len)
         (vector, rows, weights, decayed, last_at, lengths), ids = _columns(
-            user_id, raw, at, ids_len, [("<f4", dim), ("<i4", n), ("<f4", n), ("<f8", n),
-                                        ("<f8", n), ("<u2", n)])
-        return UserRecord(user_id, vector, raw[_HEADER.size:at].decode(), version, updated_at,
+            user_id, raw, at, ids_len + tail, [("<f4", dim), ("<i4", n), ("<f4", n),
+                                               ("<f8", n), ("<f8", n), ("<u2", n)])
+        dismissed = tuple(ids[ids_len:].decode("utf-8").split("\n")) if tail else ()
+        return UserRecord(user_id, vector, raw[header.size:at].decode(), version, updated_at,
                           half_life, reference, rows, bool(flags & ROWS_VALID), weights,
-                          decayed, last_at, lengths, ids)
+                          decayed, last_at, lengths, ids[:ids_len], dismissed)
 
     @staticmethod
     def new(user_id: str) -> UserRecord:
@@ -164,6 +175,17 @@ class UserRecord:
         change = merge.change(victims)
         record = merge.apply(victims, len(plays))
         return record, change
+
+    def with_dismissed(self, item_ids: Sequence[str]) -> UserRecord:
+        """The record after "not interested" events for these items (one version each):
+        each is kept (a repeat moves to the latest), the latest MAX_DISMISSED of them.
+        History and vector are untouched."""
+        latest = dict.fromkeys(self.dismissed)
+        for item_id in item_ids:
+            latest.pop(item_id, None)
+            latest[item_id] = None
+        return self.evolve(dismissed=tuple(latest)[-MAX_DISMISSED:],
+                           version=self.version + len(item_ids))
 
     def known(self) -> tuple[np.ndarray, np.ndarray]:
         """(rows, decayed weights) of the history items in the model's catalog."""

@@ -201,7 +201,7 @@ def _event_verdict(event: events_pb2.PlaybackEvent, now: float, events: RunningE
     return _worst([
         _id_verdict(event.event_id, limit), _id_verdict(event.user_id, limit),
         _id_verdict(event.item_id, limit),
-        Verdict.VALID if event.type in (1, 2, 3) else Verdict.INVALID,
+        Verdict.VALID if event.type in (1, 2, 3, 4) else Verdict.INVALID,  # the proto's types
         Verdict.VALID if math.isfinite(fraction) and 0.0 <= fraction <= 1.0 else Verdict.INVALID,
         _time_verdict(event, now, events.settings.max_future_skew_s),
     ])
@@ -247,8 +247,8 @@ user_ids = st.one_of(real_users, real_users, st.sampled_from(["new-a", "new-b", 
                      hostile_text)
 item_ids = st.one_of(real_items, real_items, st.sampled_from(["not-in-catalog", "i2000", "i-1"]),
                      hostile_text)
-event_types = st.one_of(st.sampled_from([1, 2, 3]),
-                        st.sampled_from([0, 4, 7, -1, 2**31 - 1, -(2**31)]))
+event_types = st.one_of(st.sampled_from([1, 2, 3, 4]),
+                        st.sampled_from([0, 5, 7, -1, 2**31 - 1, -(2**31)]))
 fractions = st.one_of(
     st.floats(0.0, 1.0),
     st.sampled_from([0.0, -0.0, 1.0, 5e-324, -5e-324, -1e-9, 1.0000001, -1.0, 2.0, 1e308,

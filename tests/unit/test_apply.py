@@ -88,6 +88,32 @@ def test_a_duplicate_in_the_group_or_the_store_changes_nothing(
         np.testing.assert_array_equal(after.vector, before.vector)
 
 
+def test_not_interested_is_kept_and_moves_neither_the_vector_nor_the_counts(
+        tmp_path: Path, catalog: CatalogSnapshot, cache: StatsCache) -> None:
+    with UserStore(tmp_path / "db") as store:
+        _apply(store, catalog, cache, _events(catalog, "d", 12))
+        before, _ = _stored(store, cache, "d")
+        counts = store.item_count_entries()
+        no = [Event(f"d-no{i}", "d", item, int(EventType.NOT_INTERESTED), 2_000.0, 0.0)
+              for i, item in enumerate([catalog.item_ids[3], before.item_id(0), "not-in-it"])]
+        plays = _events(catalog, "d", 1, start=20)
+        _apply(store, catalog, cache, [no[0], *plays, no[1], no[2], no[0]])  # a duplicate too
+        after, _ = _stored(store, cache, "d")
+        assert after.dismissed == (catalog.item_ids[3], before.item_id(0), "not-in-it")
+        assert after.version == before.version + 4  # three dismissals and one play
+        assert len(after) == len(before) + 1  # only the play entered the history
+        np.testing.assert_allclose(after.vector, _exact(catalog, after), atol=1e-6)
+        now = store.item_count_entries()
+        assert now.keys() - counts.keys() <= {plays[0].item_id}
+        assert all(now.get(e.item_id) == counts.get(e.item_id) for e in no
+                   if e.item_id != plays[0].item_id)  # a dismissal is not a play
+        _apply(store, catalog, cache, [Event("e-only", "new-user", catalog.item_ids[0],
+                                             int(EventType.NOT_INTERESTED), 2_000.0, 0.0)])
+        fresh = store.get_user("new-user")
+        assert fresh is not None and fresh.version == 1 and not len(fresh.vector)
+        assert fresh.dismissed == (catalog.item_ids[0],) and len(fresh) == 0
+
+
 def test_statistics_of_another_model_are_never_used(
         tmp_path: Path, catalog: CatalogSnapshot, cache: StatsCache) -> None:
     rotated = _rotated(tmp_path, catalog)

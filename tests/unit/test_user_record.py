@@ -29,9 +29,11 @@ def record_of(plays: list[tuple[str, float, float]], cap: int = 500, half_life_s
 
 @settings(max_examples=200, deadline=None)
 @given(user=ids, dim=st.integers(0, 128), model=st.text(max_size=30),
-       version=st.integers(0, 2**63), items=st.lists(ids, max_size=50, unique=True))
+       version=st.integers(0, 2**63), items=st.lists(ids, max_size=50, unique=True),
+       dismissed=st.lists(st.text(st.characters(codec="utf-8", categories=("L", "N", "P")),
+                                  min_size=1, max_size=20), max_size=8, unique=True))
 def test_record_round_trips(user: str, dim: int, model: str, version: int,
-                            items: list[str]) -> None:
+                            items: list[str], dismissed: list[str]) -> None:
     rng = np.random.default_rng(len(items))
     n = len(items)
     encoded = [i.encode() for i in items]
@@ -39,9 +41,9 @@ def test_record_round_trips(user: str, dim: int, model: str, version: int,
                         30.0, 7.0, rng.integers(-1, 100, n).astype(np.int32), True,
                         rng.uniform(size=n).astype(np.float32), rng.uniform(size=n),
                         rng.uniform(0, 2e9, n), np.array([len(e) for e in encoded], np.uint16),
-                        b"".join(encoded))
+                        b"".join(encoded), tuple(dismissed))
     decoded = UserRecord.decode(user, record.encode())
-    assert decoded.item_ids == tuple(items)
+    assert decoded.item_ids == tuple(items) and decoded.dismissed == tuple(dismissed)
     assert (decoded.model_version, decoded.version, decoded.half_life_s,
             decoded.reference) == (model, version, 30.0, 7.0)
     for name in ("vector", "rows", "weights", "decayed", "last_at", "id_lengths"):
@@ -56,6 +58,24 @@ def test_decode_refuses_a_truncated_record() -> None:
         UserRecord.decode("u", raw[:10])
     with pytest.raises(ValueError, match="unknown record format 9"):
         UserRecord.decode("u", b"\x09" + raw[1:])
+
+
+def test_a_format_2_record_is_read_with_nothing_dismissed() -> None:
+    record = record_of([("i2", 1.0, 5.0), ("i3", 0.5, 6.0)])
+    raw = record.encode()  # format 3 = format 2's header + the dismissed length, + that blob
+    v2 = b"\x02" + raw[1:struct.calcsize("<BBHHHIQddd")] + raw[struct.calcsize("<BBHHHIQdddI"):]
+    old = UserRecord.decode("u", v2)
+    assert (old.item_ids, old.version, old.dismissed) == (("i2", "i3"), 2, ())
+    np.testing.assert_array_equal(old.decayed, record.decayed)
+
+
+def test_dismissals_keep_the_latest_and_count_as_versions() -> None:
+    record = record_of([("i2", 1.0, 5.0)])
+    after = record.with_dismissed(["i4", "i6", "i4"])
+    assert after.dismissed == ("i6", "i4") and after.version == record.version + 3
+    assert after.item_ids == record.item_ids and after.rows.tolist() == record.rows.tolist()
+    many = after.with_dismissed([f"x{n}" for n in range(1_200)])
+    assert len(many.dismissed) == 1_000 and many.dismissed[-1] == "x1199"
 
 
 def test_a_format_1_record_is_read_and_remapped_on_use() -> None:
