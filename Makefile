@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 STUBS  := recsys/v1/events_pb2.py
 PROTOS := $(wildcard protos/recsys/v1/*.proto)
 
-.PHONY: install proto serve serve-cluster test lint bench bench-cluster eval clean
+.PHONY: install proto serve serve-cluster demo test lint bench bench-cluster eval clean
 
 install: $(STAMP)
 
@@ -30,6 +30,9 @@ serve: $(STUBS)  ## build the demo data on first run, then serve (Ctrl-C stops)
 
 serve-cluster: $(STUBS)  ## the log mode: 3 NATS nodes, 3 workers, front end, ranking
 	DATA=$(DATA) bin/serve-cluster
+
+demo: $(STUBS)  ## the demo page over a running `make serve`: http://127.0.0.1:8080/?user=alice
+	$(BIN)/python examples/demo_app.py
 
 test: $(STUBS)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
