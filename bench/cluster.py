@@ -385,7 +385,7 @@ def verify(topology: Topology, ledger: Ledger, log_state: dict[str, Any],
                 if partition_of(user, log.partitions) != p:
                     continue
                 record = shard.get_user(user)
-                version = record.version if record else 0
+                version = record.version if record is not None else 0
                 lost += max(count - version, 0)
                 doubled += max(version - count, 0)
                 if record is not None:

@@ -121,9 +121,9 @@ def verify(data_dir: Path, ledger: Ledger) -> dict[str, int]:
         for user in range(USERS):
             mine = [i for i in applied if i % USERS == user]
             record = store.get_user(f"crash-u{user}")
-            version = record.version if record else 0
+            version = record.version if record is not None else 0
             weights = dict(zip(record.item_ids, record.weights.tolist(), strict=True)) \
-                if record else {}
+                if record is not None else {}
             expected: dict[str, float] = {}
             for i in mine:
                 expected[ledger.items[i // USERS]] = FRACTION

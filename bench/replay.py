@@ -35,6 +35,7 @@ from typing import Protocol
 import numpy as np
 import scipy.sparse as sp
 
+from index.kernels import mix
 from index.model import AlsParams, confidence_matrix, train_als
 from index.neighbours import NeighbourParams, candidates, co_visitation, recent_plays
 from index.neighbours import Neighbours as NeighbourTable
@@ -238,20 +239,10 @@ class Blended:
         unwatched = np.ones(len(v), bool)
         unwatched[[p[0] for p in plays]] = False  # on one scale over the candidates
         mixed = np.full(len(v), -np.inf)
-        mixed[unwatched] = _blend(v[unwatched], n[unwatched], self.weight)
+        # On one scale as the service's candidates are (`index.kernels.mix`), here over
+        # every unwatched item.
+        mixed[unwatched] = mix(v[unwatched].astype(np.float64), n[unwatched], self.weight)[0]
         return mixed
-
-
-def _blend(vector: np.ndarray, neighbour: np.ndarray, weight: float) -> np.ndarray:
-    """Both scores on one scale, then mixed as the ranking service mixes its candidates
-    (`index.kernels.blend_top`), here over every unwatched item:
-    ``(1 - weight) * v / max(v) + weight * n / max(n)`` (a max <= 0 leaves that part
-    unscaled)."""
-    def scaled(x: np.ndarray) -> np.ndarray:
-        top = float(x.max(initial=0.0))
-        return x / top if top > 0 else x
-
-    return (1 - weight) * scaled(vector) + weight * scaled(neighbour)
 
 
 def _latest(plays: list[Play]) -> tuple[np.ndarray, np.ndarray]:

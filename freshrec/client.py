@@ -223,6 +223,7 @@ class EventStream:
         self._next = 1
         self._generation = 0
         self._closing = False
+        self._abandoned = False  # closed with batches unacked (close timed out)
         self._error: BaseException | None = None
         self.acked = Acked()
         self._thread = threading.Thread(target=self._run, daemon=True,
@@ -234,11 +235,13 @@ class EventStream:
         """Queue one batch; its sequence. Blocks while max_inflight batches are unacked
         (TimeoutError after `timeout`)."""
         with self._changed:
+            if not self._changed.wait_for(
+                    lambda: len(self._unacked) < self.max_inflight or self._closing, timeout):
+                raise TimeoutError(f"{len(self._unacked)} batches unacked after {timeout} s")
+            if self._error is not None:
+                raise self._error
             if self._closing:
                 raise RuntimeError("the stream is closed")
-            if not self._changed.wait_for(lambda: len(self._unacked) < self.max_inflight,
-                                          timeout):
-                raise TimeoutError(f"{len(self._unacked)} batches unacked after {timeout} s")
             sequence, self._next = self._next, self._next + 1
             self._unacked[sequence] = events_pb2.IngestStreamRequest(sequence=sequence,
                                                                      events=list(events))
@@ -259,13 +262,17 @@ class EventStream:
             if self._error is not None:
                 raise self._error
 
-    def close(self, timeout: float | None = None) -> Acked:
-        """Flush, end the stream, stop the thread; what was acked."""
+    def close(self, timeout: float | None = 30.0) -> Acked:
+        """Flush (TimeoutError after `timeout`: the unacked batches are then not sent
+        again), end the stream, stop the thread; what was acked."""
+        flushed = False
         try:
             self.flush(timeout)
+            flushed = True
         finally:
             with self._changed:
                 self._closing = True
+                self._abandoned = not flushed  # the thread stops without them
                 self._changed.notify_all()
             self._thread.join(timeout)
         return self.acked
@@ -306,22 +313,29 @@ class EventStream:
                     self._ack(response)
                     backoff = self._backoff[0]
             except grpc.RpcError as error:
-                if error.code() not in _RECONNECT_ON:
-                    with self._changed:  # e.g. INVALID_ARGUMENT, PERMISSION_DENIED: no retry
-                        self._error = error
-                        self._closing = True
-                        self._changed.notify_all()
+                if error.code() not in _RECONNECT_ON:  # e.g. PERMISSION_DENIED: no retry
+                    self._fail(error)
                     return
+            except Exception as error:  # a closed channel, an on_ack that raised: stop
+                self._fail(error)
+                return
             finally:
                 with self._changed:
                     self._generation += 1  # that connection's request iterator stops
                     self._changed.notify_all()
             with self._changed:
-                if self._closing and not self._unacked:
-                    return  # ended as asked, everything acked
+                if self._closing and (not self._unacked or self._abandoned):
+                    return  # ended as asked: everything acked, or given up by close
             self.acked.reconnects += 1
             time.sleep(backoff)
             backoff = min(backoff * 2, self._backoff[1])
+
+    def _fail(self, error: BaseException) -> None:
+        """The stream cannot go on: flush, send and close raise `error`."""
+        with self._changed:
+            self._error = error
+            self._closing = True
+            self._changed.notify_all()
 
     def _ack(self, response: events_pb2.IngestStreamResponse) -> None:
         with self._changed:

@@ -107,7 +107,7 @@ def dismiss(writer: StoreWriter, items: dict[str, list[str]],
     the records written. History and vector stay as they are."""
     out = {}
     for user_id, dismissed in items.items():
-        record = written.get(user_id) or writer.get_user(user_id) or UserRecord.new(user_id)
+        record = written[user_id] if user_id in written else _stored(writer, user_id)
         out[user_id] = record.with_dismissed(dismissed).evolve(updated_at=now)
         writer.put_user(out[user_id])
     return out
@@ -135,7 +135,7 @@ Merged = tuple[UserRecord, UserStats | None]  # a record, and its statistics if 
 
 def _merge(writer: StoreWriter, catalog: CatalogSnapshot, cache: StatsCache, user_id: str,
            plays: list[Play], policy: FoldInPolicy) -> Merged:
-    stored = catalog.fit(writer.get_user(user_id) or UserRecord.new(user_id))
+    stored = catalog.fit(_stored(writer, user_id))
     record, change = stored.with_plays(plays, catalog.item_index, policy.max_history)
     if record.known_count < policy.stats_min_history:
         return record, None
@@ -195,6 +195,12 @@ def keep_rejected(writer: StoreWriter, rejected: Sequence[tuple[Rejection, Event
         writer.put_rejected(now, next(sequence), {**event.__dict__, **rejection.__dict__})
 
 
-def _version(writer: StoreWriter, user_id: str) -> int:
+def _stored(writer: StoreWriter, user_id: str) -> UserRecord:
+    """The user's record, or a new one. (A record with an empty history, e.g. dismissals
+    only, is falsy: its length is its history's, so never test one with `or`.)"""
     record = writer.get_user(user_id)
-    return record.version if record else 0
+    return UserRecord.new(user_id) if record is None else record
+
+
+def _version(writer: StoreWriter, user_id: str) -> int:
+    return _stored(writer, user_id).version

@@ -66,6 +66,19 @@ def reach(rows: np.ndarray, scores: np.ndarray, played: np.ndarray,
     return found[:n], sums[:n], anchors[:n]
 
 
+@numba.njit(cache=True, nogil=True)
+def mix(vector: np.ndarray, neighbour: np.ndarray,
+        weight: float) -> tuple[np.ndarray, np.ndarray]:
+    """Both scores of the same items on one scale, then mixed:
+    ``(1 - weight) * v / max(v) + weight * n / max(n)``, each max over these items (a max
+    <= 0 leaves that part unscaled). The mix, and its neighbour part."""
+    v_max = max(vector.max(), 0.0) if vector.shape[0] else 0.0
+    n_max = max(neighbour.max(), 0.0) if neighbour.shape[0] else 0.0
+    from_neighbours = weight * (neighbour / n_max if n_max > 0 else neighbour)
+    return (1 - weight) * (vector / v_max if v_max > 0 else vector) + from_neighbours, \
+        from_neighbours
+
+
 @numba.njit(cache=True, nogil=True, fastmath=True)
 def _dot(factors: np.ndarray, row: np.int64, vector: np.ndarray) -> np.float32:
     dot = np.float32(0.0)
@@ -83,7 +96,7 @@ def blend_top(found: np.ndarray, sums: np.ndarray, anchors: np.ndarray, bitmap: 
     (already restricted), every one scored by both sources exactly, each part divided by
     its max over these candidates (a max <= 0 leaves it unscaled), mixed
     ``(1 - weight) * vector + weight * neighbours``; best first, ties to the earlier
-    candidate (the neighbours in the order reached, then the ANN's order).
+    candidate (the neighbours in the order reached, then the ANN's order); see `mix`.
 
     Returns the rows, mixed scores, and anchors: the played row behind an item whose
     neighbours' part is the larger, else -1 (its taste).
@@ -131,12 +144,7 @@ def blend_top(found: np.ndarray, sums: np.ndarray, anchors: np.ndarray, bitmap: 
     if weight < 1.0:
         for t in range(n):
             by_vector[t] = _dot(factors, candidates[t], vector)
-    by_neighbours = by_neighbours[:n]
-    v_max = max(by_vector.max(), 0.0) if n else 0.0
-    n_max = max(by_neighbours.max(), 0.0) if n else 0.0
-    from_vector = (1 - weight) * (by_vector / v_max if v_max > 0 else by_vector)
-    from_neighbours = weight * (by_neighbours / n_max if n_max > 0 else by_neighbours)
-    mixed = from_vector + from_neighbours
+    mixed, from_neighbours = mix(by_vector, by_neighbours[:n], weight)
     top = np.argsort(-mixed, kind="mergesort")[:k]
     out_anchors = np.full(top.shape[0], -1, np.int64)
     for i in range(top.shape[0]):

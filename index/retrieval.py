@@ -81,7 +81,9 @@ class Retriever:
             return found + self._fill(k - len(found), allowed, found)
         ann = self.search(query.vector, k, allowed)
         if query.retrieval == VECTOR or not len(reached.rows):
-            return self._named(query, self._by_vector(query.vector, ann))
+            rows, scores = self._ranked(query.vector, ann)
+            return self._named(query, [Scored(r, s) for r, s in zip(
+                rows.tolist(), scores.tolist(), strict=True)])
         return self._merged(query, reached, ann, self.blend_weight, k, allowed)
 
     def rank(self, query: Query, rows: np.ndarray, allowed: np.ndarray) -> list[Scored]:
@@ -136,15 +138,15 @@ class Retriever:
                 return ids
         rows = np.arange(len(catalog)) if allowed is None else \
             np.flatnonzero(unpack(allowed, len(catalog)))
-        return rows[np.argsort(-(catalog.item_factors[rows] @ vector), kind="stable")[:k]]
+        return self._ranked(vector, rows, k)[0]
 
-    def _by_vector(self, vector: np.ndarray, rows: np.ndarray) -> list[Scored]:
-        """The rows scored exactly by the vector, best first (an index's own scores may be
-        approximate: the preset's stores 8-bit codes)."""
+    def _ranked(self, vector: np.ndarray, rows: np.ndarray,
+                k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The rows (their best k) by their exact scores for the vector, and the scores (an
+        index's own may be approximate: the preset's stores 8-bit codes)."""
         scores = self.live.catalog.item_factors[rows] @ vector
-        order = np.argsort(-scores, kind="stable")
-        return [Scored(r, s) for r, s in zip(rows[order].tolist(), scores[order].tolist(),
-                                             strict=True)]
+        order = np.argsort(-scores, kind="stable")[:k]
+        return rows[order], scores[order]
 
     def popular_among(self, rows: np.ndarray, allowed: np.ndarray) -> list[Scored]:
         """The `rows` the bitmap allows, in the popularity order."""

@@ -8,9 +8,9 @@ length), the model version (UTF-8), the vector (float32 x dim), then per item it
 that model's catalog (int32, -1 if not in it), summed weight (float32), decayed weight
 (float64), latest play time (float64) and id length (uint16), then the ids,
 concatenated, then the ids of the items the user dismissed ("not interested"), joined by
-newlines (event ids are printable). Every array decodes as a view of the stored bytes;
-the ids are split only when asked for. Formats 1 (no rows, no decayed weights) and 2 (no
-dismissals) are still read.
+newlines (the events' checks keep item ids printable). Every array decodes as a view of
+the stored bytes; the ids are split only when asked for. Formats 1 (no rows, no decayed
+weights) and 2 (no dismissals) are still read.
 """
 
 from __future__ import annotations

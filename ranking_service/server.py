@@ -83,28 +83,33 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         finally:
             self.metrics.latency.labels(rpc).observe(time.perf_counter() - started)
 
-    def _wait_budget(self, context: grpc.ServicerContext, longest: float) -> float:
+    def _wait_budget(self, context: grpc.ServicerContext, longest: float) -> tuple[float, bool]:
         """How long a call may wait: within its deadline (less a margin to answer) and
-        `longest`."""
+        `longest`; and whether the deadline (not `longest`) is what bounds it."""
         left = remaining(context)
-        return longest if left is None else max(min(longest, left - 0.05), 0.0)
+        if left is None or left - 0.05 > longest:
+            return longest, False
+        return max(left - 0.05, 0.0), True
 
     def _read_your_write(self, request: Any, context: grpc.ServicerContext) -> None:
         """Wait, if asked, until the user is at `min_user_version` (any mode) and (log mode)
         this replica has applied the user's partition up to `min_log_sequence`."""
         user_id, sequence = request.user_id, request.min_log_sequence
         if request.min_user_version:
-            timeout = self._wait_budget(context, self.settings.max_version_wait_s)
+            timeout, by_deadline = self._wait_budget(context, self.settings.max_version_wait_s)
             reached = wait_until(lambda: UserState.of(self.ranker.store.get_user(user_id)).version,
                                  request.min_user_version, timeout)
             if reached < request.min_user_version:
-                raise TimeoutError(f"user {user_id!r} is at version {reached}, not "
-                                   f"{request.min_user_version}, after {timeout:.3f} s")
+                said = (f"user {user_id!r} is at version {reached}, not "
+                        f"{request.min_user_version}, after {timeout:.3f} s")
+                if by_deadline:
+                    raise TimeoutError(said)
+                raise Unavailable(f"{said} (the server's longest wait); retry")
         if not sequence or not self.settings.log_urls:
             return  # embedded: an acked event is already visible
         from ranking_service.replica import wait_for
 
-        timeout = self._wait_budget(context, self.settings.max_log_wait_s)
+        timeout, _ = self._wait_budget(context, self.settings.max_log_wait_s)
         reached = wait_for(self.ranker.store, self.settings.log, user_id, sequence, timeout)
         if reached < sequence:
             raise Unavailable(f"this replica has applied the user's partition up to log "

@@ -18,7 +18,7 @@ from bench.services import start_process, stop
 from freshrec.client import Client, EventStream, playback
 from index.catalog import CatalogSnapshot
 from recsys.v1 import events_pb2_grpc, ranking_pb2, ranking_pb2_grpc
-from tests.integration.conftest import EventProcess, RunningRanking, free_port
+from tests.integration.conftest import EventProcess, RunningEvents, RunningRanking, free_port
 
 
 def test_every_call_answers_with_its_deadline_and_reasons(
@@ -54,6 +54,25 @@ class _Flaky(ranking_pb2_grpc.RankingServiceServicer):
         if self.calls <= self.failures:
             context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
         return ranking_pb2.RecommendResponse(user_version=7)
+
+
+def test_a_stream_that_cannot_go_on_fails_its_callers_instead_of_hanging(
+        events: RunningEvents) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{events.port}") as channel:
+        stream = EventStream(events_pb2_grpc.EventServiceStub(channel), max_inflight=1,
+                             on_ack=lambda _: 1 / 0)
+        stream.send([playback("f1", "fail-user", "i1")])
+        with pytest.raises(ZeroDivisionError):
+            stream.flush(timeout=10)
+        with pytest.raises(ZeroDivisionError):
+            stream.send([playback("f2", "fail-user", "i2")], timeout=10)
+    with grpc.insecure_channel("127.0.0.1:1") as nowhere:  # nothing listens: never acked
+        stream = EventStream(events_pb2_grpc.EventServiceStub(nowhere), max_backoff_s=0.1)
+        stream.send([playback("f3", "fail-user", "i3")])
+        with pytest.raises(TimeoutError):
+            stream.close(timeout=0.5)
+        stream._thread.join(5)
+        assert not stream._thread.is_alive()  # it gave up the batch, as close said
 
 
 def test_grpc_retries_a_safe_call_through_the_service_config() -> None:
@@ -99,7 +118,9 @@ def test_a_stream_survives_a_kill_and_restart_with_nothing_lost_or_applied_twice
 
         producer = threading.Thread(target=produce)
         producer.start()
+        deadline = time.monotonic() + 60
         while stream.acked.batches < 60:
+            assert time.monotonic() < deadline, f"only {stream.acked.batches} batches acked"
             time.sleep(0.01)
         server.send_signal(signal.SIGKILL)  # mid-stream, batches in flight
         server.wait(10)

@@ -9,6 +9,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from freshrec.client import Client, Tls
 from recsys.v1 import catalog_pb2, catalog_pb2_grpc, events_pb2, ranking_pb2, ranking_pb2_grpc
 from tests.integration.conftest import (
     RunningEvents,
@@ -137,3 +138,23 @@ def test_reflection_can_be_turned_off(fresh_data_dir: Path) -> None:
 def test_half_configured_tls_is_refused(fresh_data_dir: Path, pki: Path) -> None:
     with pytest.raises(ValueError, match="go together"):
         ranking_settings(fresh_data_dir, tls_cert=str(pki / "server.pem"))
+
+
+def test_the_client_speaks_mutual_tls_with_a_token(fresh_data_dir: Path, pki: Path) -> None:
+    running = RunningRanking(ranking_settings(
+        fresh_data_dir, tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"),
+        tls_client_ca=str(pki / "ca.pem"), tokens_file=str(pki / "tokens")))
+    target = f"127.0.0.1:{running.port}"
+    tls = Tls(ca=pki / "ca.pem", cert=pki / "client.pem", key=pki / "client.key")
+    try:
+        with Client("127.0.0.1:1", target, tls=tls, token=TOKENS["viewer"]) as client:
+            assert len(client.recommend("u1", k=3).items) == 3
+        with Client("127.0.0.1:1", target, tls=tls, token="not-a-token") as client:
+            assert status_of(client.recommend, "u1") == grpc.StatusCode.UNAUTHENTICATED
+        with Client("127.0.0.1:1", target, tls=Tls(ca=pki / "ca.pem"),
+                    token=TOKENS["viewer"], deadline_s=2) as client:
+            assert status_of(client.recommend, "u1") == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(ValueError, match="needs TLS"):
+            Client("127.0.0.1:1", target, token=TOKENS["viewer"])
+    finally:
+        running.close()

@@ -1,5 +1,5 @@
 """The package as a user installs it: a wheel built from a fresh clone, in a fresh venv,
-its console scripts serving, driven through the stubs it ships."""
+its console scripts serving, driven by the client it ships."""
 
 from __future__ import annotations
 
@@ -19,16 +19,17 @@ PROTOS = ("events", "ranking", "catalog")
 
 DRIVE = """
 import json, sys
-import grpc
-from recsys.v1 import events_pb2, events_pb2_grpc, ranking_pb2, ranking_pb2_grpc
-events = events_pb2_grpc.EventServiceStub(grpc.insecure_channel(sys.argv[1]))
-ranking = ranking_pb2_grpc.RankingServiceStub(grpc.insecure_channel(sys.argv[2]))
-track = events.Track(events_pb2.TrackRequest(event=events_pb2.PlaybackEvent(
-    event_id="e1", user_id="wheel-user", item_id=sys.argv[3], type=events_pb2.PLAY_COMPLETE)),
-    timeout=30)
-answer = ranking.Recommend(ranking_pb2.RecommendRequest(user_id="wheel-user", k=5), timeout=30)
-print(json.dumps({"stubs": events_pb2.__file__, "version": track.user_version,
-                  "defaulted": track.occurred_at_defaulted,
+from freshrec import client as module
+from freshrec.client import Client, playback
+from recsys.v1 import events_pb2, ranking_pb2
+with Client(sys.argv[1], sys.argv[2], deadline_s=30) as client:
+    track = client.track("e1", "wheel-user", sys.argv[3])
+    with client.event_stream() as stream:
+        stream.send([playback("e2", "wheel-user", sys.argv[4])])
+    answer = client.recommend("wheel-user", k=5, min_user_version=2)
+print(json.dumps({"stubs": events_pb2.__file__, "client": module.__file__,
+                  "version": track.user_version, "defaulted": track.occurred_at_defaulted,
+                  "streamed": stream.acked.accepted, "seen": answer.user_version,
                   "source": ranking_pb2.Source.Name(answer.source),
                   "items": [i.item_id for i in answer.items]}))
 """
@@ -71,14 +72,16 @@ def test_a_wheel_from_a_fresh_clone_installs_and_serves(tmp_path: Path) -> None:
             [str(bin_dir / "freshrec-ranking"), "--data-dir", str(data), "--port", "0",
              "--workers", "1"], env)
         procs.append(ranking)
-        item = (data / "snapshots").glob("*/item_ids.txt").__next__().read_text().split()[0]
+        items = next((data / "snapshots").glob("*/item_ids.txt")).read_text().split()
         out = subprocess.run([python, "-c", DRIVE, f"127.0.0.1:{events_port}",
-                              f"127.0.0.1:{ranking_port}", item], check=True, cwd=tmp_path,
-                             env=env, capture_output=True, text=True, timeout=120)
+                              f"127.0.0.1:{ranking_port}", *items[:2]], check=True,
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     finally:
         codes = stop(procs, signal.SIGTERM)
     drove = json.loads(out.stdout)
     assert Path(drove["stubs"]).is_relative_to(venv), drove["stubs"]
+    assert Path(drove["client"]).is_relative_to(venv), drove["client"]
     assert drove["version"] == 1 and drove["defaulted"]
+    assert drove["streamed"] == 1 and drove["seen"] == 2
     assert drove["source"] == "PERSONALIZED" and len(drove["items"]) == 5
     assert codes == [0, 0]

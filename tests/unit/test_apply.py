@@ -112,6 +112,13 @@ def test_not_interested_is_kept_and_moves_neither_the_vector_nor_the_counts(
         fresh = store.get_user("new-user")
         assert fresh is not None and fresh.version == 1 and not len(fresh.vector)
         assert fresh.dismissed == (catalog.item_ids[0],) and len(fresh) == 0
+        # A record with dismissals and no history yet is kept, not taken for a new user.
+        _apply(store, catalog, cache, [Event("e-again", "new-user", catalog.item_ids[1],
+                                             int(EventType.NOT_INTERESTED), 2_000.0, 0.0)])
+        _apply(store, catalog, cache, _events(catalog, "new-user", 1))
+        later = store.get_user("new-user")
+        assert later is not None and later.version == 3 and len(later) == 1
+        assert later.dismissed == (catalog.item_ids[0], catalog.item_ids[1])
 
 
 def test_statistics_of_another_model_are_never_used(

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from index.filters import pack
-from index.kernels import blend_top, readonly
+from index.kernels import blend_top, mix, reach, readonly
 
 
 def _reference(found: list[int], sums: list[float], anchors: list[int], mask: list[bool],
@@ -73,3 +73,42 @@ def test_an_empty_bitmap_allows_every_row() -> None:
                                  np.zeros(0, np.int64), factors,
                                  readonly(np.zeros(3, np.float32)), 1.0, 5)
     assert rows.tolist() == [0, 2] and anchors.tolist() == [1, 1]
+
+
+def test_mix_puts_both_sources_on_one_scale() -> None:
+    mixed, from_neighbours = mix(np.array([2.0, 1.0, 0.0]), np.array([0.0, 5.0, 10.0]), 0.5)
+    assert mixed.tolist() == [0.5, 0.5, 0.5]
+    assert from_neighbours.tolist() == [0.0, 0.25, 0.5]
+    only_vector, _ = mix(np.array([2.0, 1.0]), np.zeros(2), 0.0)
+    assert only_vector.tolist() == [1.0, 0.5]
+    negative, _ = mix(np.array([-2.0, -1.0]), np.zeros(2), 0.5)  # max <= 0: unscaled
+    assert negative.tolist() == [-1.0, -0.5]
+
+
+@settings(max_examples=300, deadline=None)
+@given(n_items=st.integers(2, 20), k=st.integers(1, 6), data=st.data())
+def test_reach_is_its_statement(n_items: int, k: int, data: st.DataObject) -> None:
+    table = np.full((n_items, k), -1, np.int32)
+    scores = np.zeros((n_items, k), np.float32)
+    for row in range(n_items):
+        others = [r for r in range(n_items) if r != row]
+        picked = data.draw(st.permutations(others))[
+            :data.draw(st.integers(0, min(k, n_items - 1)))]
+        table[row, :len(picked)] = picked
+        # eighths, best first: sums and ties exact in float32 and float64
+        scores[row, :len(picked)] = sorted((data.draw(st.integers(1, 8)) / 8
+                                            for _ in picked), reverse=True)
+    played = data.draw(st.lists(st.integers(0, n_items - 1), max_size=6, unique=True))
+    weights = [data.draw(st.sampled_from([0.25, 0.5, 1.0])) for _ in played]
+    found, sums, anchors = reach(readonly(table), readonly(scores), np.array(played, np.int64),
+                                 np.array(weights, np.float64))
+    # The statement: every neighbour of a play, its weighted similarities summed, the play
+    # that gave the most (ties: the earlier play), in the order first reached.
+    order: dict[int, list[tuple[float, int]]] = {}
+    for play, weight in zip(played, weights, strict=True):
+        for row, score in zip(table[play], scores[play], strict=True):
+            if row >= 0:
+                order.setdefault(int(row), []).append((weight * float(score), play))
+    assert found.tolist() == list(order)
+    assert sums.tolist() == [sum(c for c, _ in parts) for parts in order.values()]
+    assert anchors.tolist() == [max(parts, key=lambda p: p[0])[1] for parts in order.values()]
