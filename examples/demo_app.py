@@ -123,15 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     with Client(args.events, args.ranking, deadline_s=5.0) as client:
         server = ThreadingHTTPServer((args.host, args.port), handler(client))
         host, port = server.server_address[:2]
-        # SIGTERM (or Ctrl-C) ends serve_forever from another thread: a clean exit.
-        signal.signal(signal.SIGTERM,
-                      lambda *_: threading.Thread(target=server.shutdown).start())
+        # SIGTERM or Ctrl-C ends serve_forever from another thread: a clean exit.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: threading.Thread(target=server.shutdown).start())
         print(f"demo page on {host}:{port} (http://{host}:{port}/?user=alice; Ctrl-C stops)",
               file=sys.stderr, flush=True)
         try:
             server.serve_forever()
-        except KeyboardInterrupt:
-            pass
         finally:
             server.server_close()
     return 0
