@@ -7,7 +7,7 @@ are built once per snapshot, so a request's filter costs a few ORs/ANDs over n/8
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,9 +62,9 @@ def only(bitmap: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return chosen & bitmap
 
 
-def clear(bitmap: np.ndarray, rows: Iterable[int]) -> None:
+def clear(bitmap: np.ndarray, rows: Sequence[int] | np.ndarray) -> None:
     """Disallow item rows in place."""
-    rows = np.fromiter(rows, np.int64)
+    rows = np.asarray(rows, np.int64)
     np.bitwise_and.at(bitmap, rows >> 3, ~(np.uint8(1) << (rows & 7).astype(np.uint8)))
 
 

@@ -9,6 +9,7 @@ short LMDB read txn per request, so an event acked a moment ago is already visib
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -300,19 +301,21 @@ class Ranker:
 
     @staticmethod
     def _excluded(catalog: CatalogSnapshot, record: UserRecord | None,
-                  watched: bool = True) -> list[int]:
+                  watched: bool = True) -> np.ndarray:
         """Rows never shown to the user: the items they dismissed, and (`watched`) those in
         their history."""
         if record is None:
-            return []
-        rows = [row for row in map(catalog.item_index.get, record.dismissed) if row is not None]
-        return rows + record.rows[record.rows >= 0].tolist() if watched else rows
+            return np.zeros(0, np.int64)
+        dismissed = np.fromiter((r for r in map(catalog.item_index.get, record.dismissed)
+                                 if r is not None), np.int64)
+        return np.concatenate([dismissed, record.rows[record.rows >= 0]]) if watched \
+            else dismissed
 
     @staticmethod
-    def _without(live: LiveCatalog, allowed: np.ndarray | None, rows: list[int],
+    def _without(live: LiveCatalog, allowed: np.ndarray | None, rows: Sequence[int] | np.ndarray,
                  always_copy: bool = False) -> np.ndarray | None:
         """`allowed` (None: every item) less `rows`, as a new bitmap (or None, unchanged)."""
-        if not rows and not always_copy:
+        if not len(rows) and not always_copy:
             return allowed
         allowed = live.filters.all.copy() if allowed is None else allowed.copy()
         clear(allowed, rows)

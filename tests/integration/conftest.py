@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +18,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from bench.services import start_process, stop
 from event_service.config import Settings
 from event_service.server import Deps, create_server, open_deps
+from eventlog.cluster import free_port
 from index import snapshots_dir
 from index.catalog import CatalogSnapshot
 from index.model import AlsParams
@@ -100,13 +100,6 @@ class RunningEvents:
     def close(self) -> None:
         self.channel.close()
         self.server.stop(grace=2)
-
-
-def free_port() -> int:
-    """A port nothing listens on now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass

@@ -15,10 +15,11 @@ import grpc
 import pytest
 
 from bench.services import start_process, stop
+from eventlog.cluster import free_port
 from freshrec.client import Client, EventStream, playback
 from index.catalog import CatalogSnapshot
 from recsys.v1 import events_pb2_grpc, ranking_pb2, ranking_pb2_grpc
-from tests.integration.conftest import EventProcess, RunningEvents, RunningRanking, free_port
+from tests.integration.conftest import EventProcess, RunningEvents, RunningRanking
 
 
 def test_every_call_answers_with_its_deadline_and_reasons(

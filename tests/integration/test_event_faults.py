@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import socket
 import threading
 import time
 import urllib.request
@@ -15,6 +14,7 @@ import pytest
 from bench import crash
 from bench.services import start_process
 from event_service.server import open_deps
+from eventlog.cluster import free_port
 from index import users_dir
 from index.store import UserStore
 from recsys.v1 import events_pb2, events_pb2_grpc
@@ -30,9 +30,7 @@ def test_kill_9_loses_no_acked_event_and_applies_none_twice(fresh_data_dir: Path
 
 
 def test_sigterm_drains_and_exits_0_with_every_ack_durable(fresh_data_dir: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        metrics_port = probe.getsockname()[1]
+    metrics_port = free_port()
     proc, port = start_process("event_service", fresh_data_dir, "--metrics-port",
                                str(metrics_port))
     try:

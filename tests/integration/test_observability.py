@@ -10,9 +10,10 @@ from pathlib import Path
 import yaml
 
 from event_service.metrics import WorkerMetrics
+from eventlog.cluster import free_port
 from ranking_service.metrics import RankingMetrics
 from recsys.v1 import events_pb2, ranking_pb2
-from tests.integration.conftest import EventProcess, RunningRanking, free_port, playback
+from tests.integration.conftest import EventProcess, RunningRanking, playback
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 METRIC = re.compile(r"\b(freshrec_[a-z0-9_]+)")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import random
 import signal
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from pathlib import Path
 import grpc
 
 from bench.services import start_process, stop
+from eventlog.cluster import free_port
 from index.catalog import CatalogSnapshot
 from recsys.v1 import catalog_pb2, catalog_pb2_grpc, ranking_pb2, ranking_pb2_grpc
 from tests.integration.conftest import second_snapshot
@@ -115,17 +115,11 @@ def _stale(log: Log) -> list[str]:
     return stale
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def test_alternating_reloads_on_two_workers_never_fail_or_step_back(
     fresh_data_dir: Path, catalog: CatalogSnapshot
 ) -> None:
     second_snapshot(fresh_data_dir, catalog, VERSIONS[1])
-    port = _free_port()
+    port = free_port()
     proc, _ = start_process("ranking_service", fresh_data_dir, "--catalog-poll-s", str(POLL_S),
                             port=port, workers=2)
     log, done = Log(), threading.Event()
