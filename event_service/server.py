@@ -13,6 +13,9 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from event_service.config import Settings
+from event_service.items import POLICY as ITEM_POLICY
+from event_service.items import SERVICE as ITEM_SERVICE
+from event_service.items import ItemServicer
 from event_service.metrics import EventMetrics
 from event_service.writer import Submission, Writer
 from index import snapshots_dir, users_dir
@@ -22,7 +25,7 @@ from index.errors import FailedPrecondition, InvalidArgument, NotFound
 from index.events import Event, check_batch
 from index.follower import SnapshotFollower
 from index.store import UserStore
-from recsys.v1 import events_pb2, events_pb2_grpc
+from recsys.v1 import catalog_pb2_grpc, events_pb2, events_pb2_grpc
 from rpc.errors import remaining
 from rpc.server import Service, assemble
 
@@ -226,7 +229,11 @@ def create_server(settings: Settings, deps: Deps) -> tuple[Service, int]:
     def add(server: grpc.Server) -> None:
         events_pb2_grpc.add_EventServiceServicer_to_server(
             EventServicer(settings, deps.writer, deps.store, deps.metrics), server)
+        catalog_pb2_grpc.add_ItemServiceServicer_to_server(ItemServicer(
+            deps.writer if isinstance(deps.writer, Writer) else None, deps.store,
+            settings.max_id_length), server)
 
     store = deps.store
-    return assemble(settings, POLICY, [SERVICE], add, parts=[deps.writer],
+    return assemble(settings, POLICY | ITEM_POLICY, [SERVICE, ITEM_SERVICE], add,
+                    parts=[deps.writer],
                     close=store.close if store is not None else lambda: None)

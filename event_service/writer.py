@@ -23,6 +23,7 @@ from index.catalog import CatalogSnapshot
 from index.errors import Exhausted, Unavailable
 from index.events import Batch, EventWeights
 from index.follower import SnapshotFollower
+from index.live import Written, prune_changes, refold_items
 from index.snapshot import SnapshotError
 from index.store import DEFAULT_ITEM_HALF_LIFE_S, USERS_MODEL_KEY, StoreWriter, UserStore
 from index.user_stats import StatsCache
@@ -38,13 +39,20 @@ class WriterStopped(Unavailable):
     """The writer is shutting down and takes no new work."""
 
 
+# A write of the live catalog, run in the writer's txn against the live snapshot.
+CatalogWrite = Callable[[StoreWriter, CatalogSnapshot, float], Written]
+
+
 @dataclass
 class Submission:
-    """A checked batch waiting for its commit; `wait` returns once it is durable."""
+    """A checked batch (or a catalog write) waiting for its commit; `wait` returns once it
+    is durable."""
 
-    batch: Batch
+    batch: Batch = field(default_factory=lambda: Batch([], []))
+    write: CatalogWrite | None = None
     received_at: float = field(default_factory=time.time)
     outcomes: list[Outcome] | None = None
+    written: Written | None = None
     error: Exception | None = None
     _done: threading.Event = field(default_factory=threading.Event)
 
@@ -53,9 +61,10 @@ class Submission:
         """Queue cost: events carried (at least 1, so empty batches still count)."""
         return max(1, len(self.batch.valid) + len(self.batch.rejected))
 
-    def finish(self, outcomes: list[Outcome] | None, error: Exception | None = None) -> None:
+    def finish(self, outcomes: list[Outcome] | None, error: Exception | None = None,
+               written: Written | None = None) -> None:
         """Complete the submission (called by the writer after commit, or on failure)."""
-        self.outcomes, self.error = outcomes, error
+        self.outcomes, self.error, self.written = outcomes, error, written
         self._done.set()
 
     def wait(self, timeout: float | None = None) -> list[Outcome]:
@@ -192,19 +201,25 @@ class Writer:
             for submission in group:
                 submission.finish(None, exc)
             return
-        self._record(group, outcomes, time.perf_counter() - started, time.time())
-        for submission, mine in zip(group, outcomes, strict=True):
-            submission.finish(mine)
+        self._record(group, [mine for mine, _ in outcomes], time.perf_counter() - started,
+                     time.time())
+        for submission, (mine, written) in zip(group, outcomes, strict=True):
+            submission.finish(mine, written=written)
 
     def _apply(self, writer: StoreWriter, group: list[Submission],
-               now: float) -> list[list[Outcome]]:
-        """One txn for the group; the outcomes of each submission's valid events."""
+               now: float) -> list[tuple[list[Outcome], Written | None]]:
+        """One txn for the group: the catalog writes, then the events; the outcomes of each
+        submission's valid events, and what its catalog write did."""
+        catalog = self.catalogs.live
+        written = [s.write(writer, catalog, now) if s.write is not None else None
+                   for s in group]
         keep_rejected(writer, [r for s in group for r in s.batch.rejected], now,
                       self._rejected_seq)
         events = [e for s in group for e in s.batch.valid]
-        outcomes = iter(apply_group(writer, self.catalogs.live, events, self.config.weights,
+        outcomes = iter(apply_group(writer, catalog, events, self.config.weights,
                                     self.config.policy, self.stats, now))
-        return [[next(outcomes) for _ in s.batch.valid] for s in group]
+        return [([next(outcomes) for _ in s.batch.valid], w)
+                for s, w in zip(group, written, strict=True)]
 
     def _record(self, group: list[Submission], outcomes: list[list[Outcome]], seconds: float,
                 committed: float) -> None:
@@ -226,7 +241,8 @@ class Writer:
         self._next_housekeeping = time.monotonic() + self.config.snapshot_poll_s
         try:
             cutoff = time.time() - self.config.dedupe_retention_s
-            self.store.transact(lambda w: w.prune_seen(cutoff, limit=10_000))
+            self.store.transact(lambda w: (w.prune_seen(cutoff, limit=10_000),
+                                           prune_changes(w)))
             self.store.reap_stale_readers()
             self._follow()
         except Exception as exc:  # housekeeping must never stop the writer
@@ -254,8 +270,9 @@ class Writer:
         def work(writer: StoreWriter) -> tuple[list[str], int]:
             ids = writer.user_ids_after(after, batch)
             done = refold(writer, catalog, ids, self.stats, time.time())
-            if len(ids) < batch:  # the last batch: every user is under this model now
+            if len(ids) < batch:  # the last batch: every user is under this model now,
                 writer.put_meta(USERS_MODEL_KEY, catalog.model_version)
+                refold_items(writer, catalog)  # so the live items can learn from them
             return ids, done
 
         try:

@@ -1,4 +1,5 @@
-"""Applying a group of checked events in one write txn: dedupe, histories, counts, fold-in.
+"""Applying a group of checked events in one write txn: dedupe, histories, counts, fold-in
+(the users', then the live items' from their viewers).
 
 Each step is a small function of the write txn and `apply_group` runs them in order. The
 writer calls it inside `UserStore.transact`, which reruns it after growing the map, so a
@@ -16,6 +17,7 @@ import numpy as np
 from index.catalog import CatalogSnapshot
 from index.events import Event, EventType, EventWeights, Rejection
 from index.history import Play
+from index.live import learn
 from index.model import History
 from index.store import StoreWriter
 from index.user_record import MAX_HISTORY, UserRecord
@@ -49,7 +51,7 @@ class Outcome:
     """What applying one event did."""
 
     duplicate: bool
-    item_known: bool  # False: kept in the history and counts, but it cannot move the vector
+    item_known: bool  # in the snapshot or live; False: kept in the history, moves nothing
     user_version: int  # the user's version after the group (0 in log mode: not applied yet)
     log_sequence: int = 0  # log mode: the event's sequence in the log (read-your-writes)
 
@@ -62,9 +64,11 @@ def apply_group(writer: StoreWriter, catalog: CatalogSnapshot, events: Sequence[
     plays = weighed_plays(events, fresh, weights)
     count_items(writer, plays, now)
     records = refresh_users(writer, catalog, plays, policy, cache, now)
+    learn(writer, catalog, plays, records)
     records |= dismiss(writer, _dismissals(events, fresh), records, now)
     versions = {user: record.version for user, record in records.items()}
-    return [Outcome(not new, event.item_id in catalog.item_index,
+    return [Outcome(not new, event.item_id in catalog.item_index or
+                    writer.get_raw("live_items", event.item_id.encode("utf-8")) is not None,
                     versions.get(event.user_id) or _version(writer, event.user_id))
             for event, new in zip(events, fresh, strict=True)]
 

@@ -1,4 +1,5 @@
-"""The offline batch workflow: dataset -> ALS -> catalog snapshot -> bootstrapped user store."""
+"""The offline batch workflow: dataset (and the live catalog's items and plays) -> ALS ->
+catalog snapshot -> bootstrapped user store."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ import numpy as np
 
 from index import snapshots_dir, users_dir
 from index.catalog import CatalogSnapshot
+from index.live import taken_in
 from index.model import AlsParams, History, confidence_matrix, train_als
 from index.neighbours import NeighbourParams, co_visitation
 from index.snapshot import IndexSpec, write_snapshot
 from index.store import USERS_MODEL_KEY, StoreWriter, UserStore
-from index.tables import Dataset, DatasetError, Interactions
+from index.tables import Dataset, DatasetError, Interactions, ItemTable
 from index.user_record import MAX_HISTORY, UserRecord
 
 Log = Callable[[str], None]
@@ -55,6 +57,7 @@ def build(dataset: Dataset, data_dir: Path, als: AlsParams, *, index: str = "fla
         clock = time.perf_counter()
         log(f"  {name}: {timings[name]:.1f} s")
 
+    dataset = with_live_items(dataset, data_dir, log)
     inter = dataset.interactions
     if len(inter) == 0:
         raise DatasetError(f"{dataset.name}: no interactions to train on")
@@ -84,6 +87,28 @@ def build(dataset: Dataset, data_dir: Path, als: AlsParams, *, index: str = "fla
     stage("bootstrap")
     size = sum(f.stat().st_size for f in path.iterdir())
     return BuildReport(version, path, size, len(dataset.items), bootstrapped, timings)
+
+
+def with_live_items(dataset: Dataset, data_dir: Path, log: Log = print) -> Dataset:
+    """The dataset and what the data dir's live catalog adds: the items put since the last
+    build (as put) and their plays, so the model trains their factors."""
+    if not (users_dir(data_dir) / "data.mdb").exists():
+        return dataset
+    with UserStore(users_dir(data_dir), readonly=True) as store:
+        items, plays = taken_in(store, set(dataset.items.item_ids))
+    if not items:
+        return dataset
+    log(f"taking in {len(items):,} live items and {len(plays):,} plays of them")
+    table, inter = dataset.items, dataset.interactions
+    users, item_ids, weights, times = zip(*plays, strict=True) if plays else ((), (), (), ())
+    return replace(dataset, items=ItemTable(
+        [*table.item_ids, *(i.item_id for i in items)], [*table.titles, *(i.title for i in items)],
+        [*table.genres, *(i.genres for i in items)],
+        np.concatenate([table.years, [i.year for i in items]])), interactions=Interactions(
+        np.concatenate([inter.user_ids, np.array(users, dtype=object)]),
+        np.concatenate([inter.item_ids, np.array(item_ids, dtype=object)]),
+        np.concatenate([inter.weights, np.array(weights, np.float32)]),
+        np.concatenate([inter.timestamps, np.array(times, np.float64).astype(np.int64)])))
 
 
 def _item_rows(dataset: Dataset) -> np.ndarray:

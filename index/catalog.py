@@ -81,6 +81,21 @@ class CatalogSnapshot:
         als = self.manifest.als
         return FoldIn(self.item_factors, float(als["regularization"]), float(als["alpha"]))
 
+    @cached_property
+    def genre_means(self) -> dict[str, np.ndarray]:
+        """The mean factor of the items of each genre (a new item's content-based start)."""
+        means = {}
+        for bit, genre in enumerate(self.manifest.genres):
+            rows = np.flatnonzero((self.genre_mask >> np.uint64(bit)) & np.uint64(1))
+            if len(rows):
+                means[genre] = np.asarray(self.item_factors[rows], np.float64).mean(axis=0)
+        return means
+
+    @cached_property
+    def mean_factor(self) -> np.ndarray:
+        """The mean factor of every item (the start of a new item of no known genre)."""
+        return np.asarray(self.item_factors, np.float64).mean(axis=0)
+
     @property
     def half_life_s(self) -> float:
         """Half-life of a play's weight in the fold-in (0: no decay; older snapshots)."""

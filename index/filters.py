@@ -7,7 +7,7 @@ are built once per snapshot, so a request's filter costs a few ORs/ANDs over n/8
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,6 +74,7 @@ class CatalogFilters:
     def __init__(self, catalog: CatalogSnapshot) -> None:
         self.n = len(catalog)
         self.all = pack(np.ones(self.n, bool))
+        self.none = np.zeros_like(self.all)
         self.genres = {g: pack((catalog.genre_mask >> np.uint64(bit)) & np.uint64(1) == 1)
                        for bit, g in enumerate(catalog.manifest.genres)}
         years = catalog.years.astype(np.int64)
@@ -89,21 +90,25 @@ class CatalogFilters:
         j = min(max(year - self.first_year, 0), len(self._before) - 1)
         return self._before[j]
 
-    def bitmap(self, spec: ItemFilter) -> np.ndarray | None:
-        """A fresh bitmap of the items `spec` allows, or None when it allows everything."""
+    def bitmap(self, spec: ItemFilter, known: Collection[str] = ()) -> np.ndarray | None:
+        """A fresh bitmap of the items `spec` allows, or None when it allows everything.
+        A genre only the live items have (`known`) is one no snapshot item has."""
         if spec.empty:
             return None
         if spec.min_year < 0 or spec.max_year < 0 or (
                 spec.min_year and spec.max_year and spec.min_year > spec.max_year):
             raise FilterError(f"bad year range [{spec.min_year}, {spec.max_year}]")
         for genre in (*spec.genres_any, *spec.genres_none):
-            if genre not in self.genres:
-                raise FilterError(f"unknown genre {genre!r}; known: {sorted(self.genres)}")
+            if genre not in self.genres and genre not in known:
+                raise FilterError(f"unknown genre {genre!r}; known: "
+                                  f"{sorted({*self.genres, *known})}")
         allowed = self.all.copy()
         if spec.genres_any:
-            allowed &= np.bitwise_or.reduce([self.genres[g] for g in spec.genres_any])
+            allowed &= np.bitwise_or.reduce([self.genres.get(g, self.none)
+                                             for g in spec.genres_any])
         for genre in spec.genres_none:
-            allowed &= ~self.genres[genre]
+            if genre in self.genres:
+                allowed &= ~self.genres[genre]
         if spec.min_year or spec.max_year:
             allowed &= self._years_below(spec.max_year + 1 if spec.max_year
                                          else self.last_year + 1)

@@ -50,6 +50,13 @@ class SnapshotFollower(Generic[T]):
                 self._refused = ""
             return live
 
+    def update(self, change: Callable[[T], T]) -> T:
+        """Serve `change(live)` instead of the live value, under the same lock as `switch`
+        and `follow` (so a change made for one version never replaces a newer one)."""
+        with self._lock:
+            self.live = change(self.live)
+            return self.live
+
     def follow(self) -> T | None:
         """Adopt the version CURRENT names if it is another one; the new value, else None.
 

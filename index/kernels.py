@@ -88,12 +88,48 @@ def _dot(factors: np.ndarray, row: np.int64, vector: np.ndarray) -> np.float32:
 
 
 @numba.njit(cache=True, nogil=True)
+def _score(factors: np.ndarray, live: np.ndarray, offset: int, row: np.int64,
+           vector: np.ndarray) -> np.float32:
+    """The vector score of a catalog row: the snapshot's below `offset`, the live
+    segment's from it."""
+    return _dot(factors, row, vector) if row < offset else _dot(live, row - offset, vector)
+
+
+@numba.njit(cache=True, nogil=True)
+def live_top(vectors: np.ndarray, bitmap: np.ndarray, first_byte: int, vector: np.ndarray,
+             k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The exact top k of the live segment's `vectors` for `vector`, among the rows the
+    bitmap allows (live row i is bit i of the bitmap from byte `first_byte` on; an empty
+    bitmap allows all): their positions and scores, best first (ties: the earlier)."""
+    m = vectors.shape[0]
+    best = np.empty(k, np.int64)
+    best_scores = np.empty(k, np.float32)
+    n = 0
+    for i in range(m):
+        if bitmap.shape[0] and not (bitmap[first_byte + (i >> 3)] >> (i & 7)) & 1:
+            continue
+        score = _dot(vectors, np.int64(i), vector)
+        if n == k and score <= best_scores[k - 1]:
+            continue
+        at = n if n < k else k - 1  # insert, keeping the list sorted (k is small)
+        while at > 0 and best_scores[at - 1] < score:
+            if at < k:
+                best[at], best_scores[at] = best[at - 1], best_scores[at - 1]
+            at -= 1
+        best[at], best_scores[at] = i, score
+        n = min(n + 1, k)
+    return best[:n], best_scores[:n]
+
+
+@numba.njit(cache=True, nogil=True)
 def blend_top(found: np.ndarray, sums: np.ndarray, anchors: np.ndarray, bitmap: np.ndarray,
-              n_best: int, ann: np.ndarray, factors: np.ndarray, vector: np.ndarray,
-              weight: float, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+              n_best: int, ann: np.ndarray, factors: np.ndarray, live: np.ndarray,
+              offset: int, vector: np.ndarray, weight: float,
+              k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The top k of the `n_best` neighbour candidates the bitmap allows (`found`, `sums`,
     `anchors` from `reach`; an empty bitmap allows every row) and the ANN's `ann` rows
-    (already restricted), every one scored by both sources exactly, each part divided by
+    (already restricted; rows from `offset` on are the live segment's, `live`), every one
+    scored by both sources exactly, each part divided by
     its max over these candidates (a max <= 0 leaves it unscaled), mixed
     ``(1 - weight) * vector + weight * neighbours``; best first, ties to the earlier
     candidate (the neighbours in the order reached, then the ANN's order); see `mix`.
@@ -143,7 +179,7 @@ def blend_top(found: np.ndarray, sums: np.ndarray, anchors: np.ndarray, bitmap: 
     by_vector = np.zeros(n, np.float64)
     if weight < 1.0:
         for t in range(n):
-            by_vector[t] = _dot(factors, candidates[t], vector)
+            by_vector[t] = _score(factors, live, offset, candidates[t], vector)
     mixed, from_neighbours = mix(by_vector, by_neighbours[:n], weight)
     top = np.argsort(-mixed, kind="mergesort")[:k]
     out_anchors = np.full(top.shape[0], -1, np.int64)
@@ -160,6 +196,7 @@ def warm_up() -> None:
     table = readonly(np.full((2, 1), -1, np.int32))
     found, sums, anchors = reach(table, readonly(np.zeros((2, 1), np.float32)),
                                  np.zeros(1, np.int64), np.ones(1))
+    factors, vector = readonly(np.zeros((2, 1), np.float32)), readonly(np.zeros(1, np.float32))
     blend_top(found, sums, anchors, np.zeros(0, np.uint8), 1, np.zeros(0, np.int64),
-              readonly(np.zeros((2, 1), np.float32)), readonly(np.zeros(1, np.float32)), 0.5,
-              1)
+              factors, factors, 8, vector, 0.5, 1)
+    live_top(factors, np.zeros(0, np.uint8), 0, vector, 1)

@@ -108,6 +108,19 @@ def train_als(
     )
 
 
+def solve_stats(gram: np.ndarray, alpha: float, upper: np.ndarray, linear: np.ndarray,
+                weighted: np.ndarray) -> np.ndarray:
+    """``(gram + alpha P)^-1 (s + alpha m)`` for statistics P (its upper triangle is read),
+    s, m: the fold-in of one user (or, with the users' Gram, of one item)."""
+    system = gram + alpha * upper  # fresh: dposv factors it in place
+    rhs = linear + alpha * weighted
+    _, x, info = lapack.dposv(system.T, rhs, lower=1, overwrite_a=1)
+    if info != 0:  # not positive definite by rounding: LU on the full matrix
+        full = np.triu(upper) + np.triu(upper, 1).T
+        x = np.linalg.solve(gram + alpha * full, rhs)
+    return np.asarray(x, np.float32)
+
+
 class FoldIn:
     """Solves user vectors against fixed item factors, many users at a time.
 
@@ -138,12 +151,7 @@ class FoldIn:
         each (LAPACK dposv, ~9 us at d = 64), reading the upper triangle only."""
         out = np.zeros((len(stats), self.dim), dtype=np.float32)
         for i, s in enumerate(stats):
-            system = self.gram + self.alpha * s.upper  # fresh: dposv factors it in place
-            rhs = s.linear + self.alpha * s.weighted
-            _, x, info = lapack.dposv(system.T, rhs, lower=1, overwrite_a=1)
-            if info != 0:  # not positive definite by rounding: LU on the full matrix
-                x = np.linalg.solve(self.gram + self.alpha * s.matrix(), rhs)
-            out[i] = x
+            out[i] = solve_stats(self.gram, self.alpha, s.upper, s.linear, s.weighted)
         return out
 
     def _padded_chunks(

@@ -10,16 +10,25 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from index.catalog import CatalogSnapshot
 from index.errors import NotFound
-from index.filters import CatalogFilters, ItemFilter, clear, only
+from index.filters import CatalogFilters, ItemFilter, allows_rows, clear, only, pack
 from index.follower import SnapshotFollower
 from index.kernels import warm_up
+from index.live import (
+    CatalogItem,
+    LiveItem,
+    LiveSegment,
+    catalog_version,
+    changed_since,
+    read_items,
+    snapshot_item,
+)
 from index.model import History
 from index.neighbours import recent_plays
 from index.retrieval import BLEND, LIKE, RETRIEVALS, WATCHED, Query, Retriever, Scored
@@ -75,8 +84,8 @@ class Ranking:
     items: list[Scored]
     source: str
     user: UserState
-    catalog: CatalogSnapshot  # the snapshot the rows refer to (it may be swapped since)
-    unknown: tuple[str, ...] = ()  # RankItems: the given ids not in the catalog
+    live: LiveCatalog  # the catalog the rows refer to (it may be swapped since)
+    unknown: tuple[str, ...] = ()  # RankItems: the given ids not servable
 
 
 @dataclass(frozen=True)
@@ -85,7 +94,7 @@ class HomePage:
 
     rows: list[Row]
     user: UserState
-    catalog: CatalogSnapshot
+    live: LiveCatalog
 
 
 @dataclass(frozen=True)
@@ -100,45 +109,143 @@ class Row:
 
 @dataclass
 class LiveCatalog:
-    """A snapshot with what is derived from it: filter bitmaps and the popularity order."""
+    """A snapshot with what is derived from it (filter bitmaps, the popularity order) and
+    the live segment: the items put since it was built, searched beside its index, and
+    the snapshot items not servable now (taken down, outside their window).
+
+    Rows: the snapshot's `[0, n)`, the live items' from `segment.offset` on; one bitmap
+    covers both (`allowed`). A new segment makes a new LiveCatalog (`with_segment`), so a
+    request that holds one sees one consistent catalog.
+    """
 
     catalog: CatalogSnapshot
     filters: CatalogFilters
+    segment: LiveSegment
+    open: np.ndarray  # the snapshot rows servable now (bitmap over n)
+    counts: dict[str, float] = field(default_factory=dict)  # recent plays per item id
     trending: np.ndarray = field(default_factory=lambda: np.zeros(0))  # recent counts per row
     trending_order: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     popular_order: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     popular_rank: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # inverse
+    popular_score: np.ndarray = field(default_factory=lambda: np.zeros(0))  # blended, per row
+    live_recent: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per live item
+    live_popular: np.ndarray = field(default_factory=lambda: np.zeros(0))  # blended, per live
 
     @staticmethod
-    def of(catalog: CatalogSnapshot, recent: np.ndarray, blend: float) -> LiveCatalog:
+    def of(catalog: CatalogSnapshot, segment: LiveSegment, counts: dict[str, float],
+           blend: float) -> LiveCatalog:
         """Derive the serving state of a snapshot (and warm its fold-in solver and the
         retrieval kernels)."""
         _ = catalog.fold_in.gram  # pay for YtY at load, not on the first request
         warm_up()
-        live = LiveCatalog(catalog, CatalogFilters(catalog))
-        live.set_trending(recent, blend)
+        filters = CatalogFilters(catalog)
+        live = LiveCatalog(catalog, filters, segment, _open(filters, segment))
+        live.set_trending(counts, blend)
         return live
 
-    def set_trending(self, recent: np.ndarray, blend: float) -> None:
+    def with_segment(self, segment: LiveSegment, blend: float) -> LiveCatalog:
+        """This catalog with another live segment (of the same snapshot)."""
+        live = replace(self, segment=segment, open=_open(self.filters, segment))
+        live.set_trending(self.counts, blend)
+        return live
+
+    def set_trending(self, counts: dict[str, float], blend: float) -> None:
         """Blend batch popularity with recent play counts into the fallback order."""
-        batch = self.catalog.popularity
-        score = (1 - blend) * batch / max(float(batch.max()), 1e-9) + \
-            blend * recent / max(float(recent.max(initial=0.0)), 1e-9)
+        catalog, segment = self.catalog, self.segment
+        recent = np.zeros(len(catalog))
+        for item_id, value in counts.items():
+            row = catalog.item_index.get(item_id)
+            if row is not None:
+                recent[row] = value
+        live_recent = np.array([counts.get(i, 0.0) for i in segment.item_ids])
+        batch = catalog.popularity
+        most_recent = max(float(recent.max(initial=0.0)), float(live_recent.max(initial=0.0)),
+                          1e-9)
+        score = (1 - blend) * batch / max(float(batch.max()), 1e-9) + blend * recent / most_recent
         order = np.argsort(-recent, kind="stable")
         # Assigned last: a request reading the orders mid-refresh sees old or new, both valid.
         popular_order = np.argsort(-score, kind="stable")
         popular_rank = np.empty_like(popular_order)
         popular_rank[popular_order] = np.arange(len(popular_order))
+        self.counts, self.live_recent = counts, live_recent
+        self.live_popular = blend * live_recent / most_recent
         self.trending, self.trending_order = recent, order[recent[order] > 0]
         self.popular_order, self.popular_rank = popular_order, popular_rank
+        self.popular_score = score
+
+    # -- rows of both parts ---------------------------------------------------------------
+
+    def allowed(self, spec: ItemFilter) -> np.ndarray | None:
+        """A fresh bitmap of the servable rows the filter allows, or None when every row is
+        allowed (FilterError for a genre neither part has, or a bad year range)."""
+        segment = self.segment
+        snapshot = self.filters.bitmap(spec, known=segment.genre_rows)
+        if snapshot is None and not len(segment.blocked):
+            return None  # an empty filter, and nothing blocked
+        snapshot = self.open.copy() if snapshot is None else snapshot & self.open
+        return self._joined(snapshot, segment.allows(spec)) if len(segment) else snapshot
+
+    def every(self) -> np.ndarray:
+        """A fresh bitmap of every servable row."""
+        return self._joined(self.open.copy(), np.ones(len(self.segment), bool)) \
+            if len(self.segment) else self.open.copy()
+
+    def _joined(self, snapshot: np.ndarray, live: np.ndarray) -> np.ndarray:
+        padding = self.segment.offset // 8 - len(snapshot)
+        return np.concatenate([snapshot, np.zeros(padding, np.uint8), pack(live)])
+
+    def snapshot_part(self, allowed: np.ndarray | None) -> np.ndarray:
+        """A copy of the bitmap with the live rows cleared."""
+        part = self.every() if allowed is None else allowed.copy()
+        part[self.segment.offset // 8:] = 0
+        return part
+
+    def row_of(self, item_id: str) -> int | None:
+        """The row of a servable item (None: unknown, taken down, outside its window)."""
+        row = self.catalog.item_index.get(item_id)
+        if row is None:
+            return self.segment.rows.get(item_id)
+        return row if allows_rows(self.open, np.array([row]))[0] else None
+
+    def live_rows(self, item_ids: Sequence[str]) -> list[int]:
+        """The rows of those of the items that are live."""
+        rows = self.segment.rows
+        return [rows[i] for i in item_ids if i in rows]
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """The vectors of the rows (item factors; the live items' own)."""
+        offset = self.segment.offset
+        if not len(rows) or rows.max() < offset:
+            return self.catalog.item_factors[rows]
+        out = np.empty((len(rows), self.catalog.dim), np.float32)
+        live = rows >= offset
+        out[~live] = self.catalog.item_factors[rows[~live]]
+        out[live] = self.segment.vectors[rows[live] - offset]
+        return out
+
+    def item(self, row: int) -> CatalogItem:
+        """The fields of the item at a row."""
+        if row >= self.segment.offset:
+            return self.segment.items[row - self.segment.offset]
+        return snapshot_item(self.catalog, row)
+
+
+def _open(filters: CatalogFilters, segment: LiveSegment) -> np.ndarray:
+    """The snapshot rows the segment does not block."""
+    servable = filters.all.copy()
+    clear(servable, segment.blocked)
+    return servable
 
 
 class Ranker:
-    """Recommend, SimilarItems and HomePage over the live catalog and the user store."""
+    """Recommend, SimilarItems, RankItems and HomePage over the live catalog and the user
+    store."""
 
     def __init__(self, snapshots: Path, store: UserStore, config: RankingConfig) -> None:
         """Load the live snapshot (SnapshotError if it cannot be)."""
         self.snapshots, self.store, self.config = snapshots, store, config
+        self._live_items: dict[str, LiveItem] = {}  # as of `_live_version` (maintenance)
+        self._live_version = -1
         self.catalogs = SnapshotFollower(snapshots, self._serving,
                                          lambda live: live.catalog.model_version)
 
@@ -148,22 +255,41 @@ class Ranker:
         return self.catalogs.live
 
     def _serving(self, version: str) -> LiveCatalog:
+        """A snapshot with the live catalog as stored now (so nothing taken down shows)."""
         catalog = CatalogSnapshot.load(self.snapshots, version, mmap=True)
-        return LiveCatalog.of(catalog, self._recent_counts(catalog), self.config.popularity_blend)
+        at = catalog_version(self.store)
+        segment = LiveSegment.of(read_items(self.store), catalog, time.time(), at)
+        return LiveCatalog.of(catalog, segment, self._counts(), self.config.popularity_blend)
 
     def refresh_trending(self) -> None:
         """Re-read the event service's recent play counts into the popularity order."""
-        live = self.live
-        live.set_trending(self._recent_counts(live.catalog), self.config.popularity_blend)
+        self.live.set_trending(self._counts(), self.config.popularity_blend)
 
-    def _recent_counts(self, catalog: CatalogSnapshot) -> np.ndarray:
-        recent = np.zeros(len(catalog))
-        counts = self.store.item_counts(time.time())
-        for item_id, value in counts.items():
-            row = catalog.item_index.get(item_id)
-            if row is not None:
-                recent[row] = value
-        return recent
+    def _counts(self) -> dict[str, float]:
+        return self.store.item_counts(time.time())
+
+    def refresh_live(self) -> bool:
+        """Follow the store's live catalog (puts, take-downs, learned vectors, windows that
+        opened or closed) into a new segment; whether it changed. Maintenance thread only."""
+        now, served = time.time(), self.live.segment
+        latest = catalog_version(self.store)
+        if latest == served.version == self._live_version and now < served.next_change:
+            return False
+        changed = changed_since(self.store, self._live_version) \
+            if self._live_version >= 0 else None
+        if changed is None:
+            self._live_items = read_items(self.store)
+        else:
+            latest, ids = changed
+            for item_id, item in zip(ids, map(read_items(self.store, ids).get, ids),
+                                     strict=True):
+                if item is not None:
+                    self._live_items[item_id] = item
+        self._live_version = latest
+        items, blend = dict(self._live_items), self.config.popularity_blend
+        self.catalogs.update(lambda live: live.with_segment(
+            LiveSegment.of(items, live.catalog, now, latest), blend))
+        return True
 
     # -- requests ------------------------------------------------------------------------
 
@@ -178,49 +304,46 @@ class Ranker:
         """Top k items for the user, or the popularity fallback (source POPULAR)."""
         live = self.live
         record = self._user(live.catalog, user_id)
-        allowed = live.filters.bitmap(spec)
-        allowed = self._without(live, allowed, self._excluded(live.catalog, record,
-                                                              watched=not include_watched))
-        query = self._query(live.catalog, record, retrieval)
+        allowed = self._without(live, live.allowed(spec),
+                                self._excluded(live, record, watched=not include_watched))
+        query = self._query(live, record, retrieval)
         retrieve = self.retriever(live)
         if query is None:
-            return Ranking(retrieve.popular(k, allowed), POPULAR, UserState.of(record),
-                           live.catalog)
+            return Ranking(retrieve.popular(k, allowed), POPULAR, UserState.of(record), live)
         return Ranking(retrieve.personal(query, k, allowed), PERSONALIZED, UserState.of(record),
-                       live.catalog)
+                       live)
 
     def similar(self, item_id: str, k: int, spec: ItemFilter,
-                retrieval: str | None = None) -> tuple[list[Scored], CatalogSnapshot]:
-        """Items most like `item_id` (itself excluded); NotFoundError if unknown."""
+                retrieval: str | None = None) -> tuple[list[Scored], LiveCatalog]:
+        """Items most like `item_id` (itself excluded); NotFound if it is not servable."""
         live = self.live
-        row = live.catalog.item_index.get(item_id)
+        row = live.row_of(item_id)
         if row is None:
             raise NotFound(f"unknown item {item_id!r}")
-        allowed = self._without(live, live.filters.bitmap(spec), [row])
-        return self.retriever(live).personal(self._item_query(live.catalog, row, retrieval),
-                                             k, allowed), live.catalog
+        allowed = self._without(live, live.allowed(spec), [row])
+        return self.retriever(live).personal(self._item_query(live, row, retrieval),
+                                             k, allowed), live
 
     def rank(self, user_id: str, item_ids: list[str], spec: ItemFilter,
              retrieval: str | None = None) -> Ranking:
         """The given items the filter allows and the user has not dismissed, ordered for the
-        user (by popularity for a user with nothing to go on); the ids not in the catalog in
+        user (by popularity for a user with nothing to go on); the ids not servable in
         `unknown`."""
         live = self.live
-        catalog = live.catalog
-        rows = [catalog.item_index.get(item_id) for item_id in item_ids]
+        rows = [live.row_of(item_id) for item_id in item_ids]
         unknown = tuple(i for i, row in zip(item_ids, rows, strict=True) if row is None)
         given = np.array([row for row in rows if row is not None], np.int64)
-        within = live.filters.bitmap(spec)
-        allowed = only(live.filters.all if within is None else within, given)
-        record = self._user(catalog, user_id)
-        clear(allowed, self._excluded(catalog, record, watched=False))
-        query = self._query(catalog, record, retrieval)
+        within = live.allowed(spec)
+        allowed = only(live.every() if within is None else within, given)
+        record = self._user(live.catalog, user_id)
+        clear(allowed, self._excluded(live, record, watched=False))
+        query = self._query(live, record, retrieval)
         retrieve = self.retriever(live)
         if query is None:
             return Ranking(retrieve.popular_among(given, allowed), POPULAR, UserState.of(record),
-                           catalog, unknown)
+                           live, unknown)
         return Ranking(retrieve.rank(query, given, allowed), PERSONALIZED, UserState.of(record),
-                       catalog, unknown)
+                       live, unknown)
 
     def home(self, user_id: str, k: int, spec: ItemFilter,
              retrieval: str | None = None) -> HomePage:
@@ -228,35 +351,41 @@ class Ranker:
         live = self.live
         catalog = live.catalog
         record = self._user(catalog, user_id)
-        query = self._query(catalog, record, retrieval)
+        query = self._query(live, record, retrieval)
         # What is left to show: the filter's items, less the watched ones and (as the rows
         # fill) those shown in an earlier row. One private bitmap, cleared in place.
-        left = self._without(live, live.filters.bitmap(spec), self._excluded(catalog, record),
+        left = self._without(live, live.allowed(spec), self._excluded(live, record),
                              always_copy=True)
         assert left is not None
         retrieve = self.retriever(live)
         rows: list[Row] = []
 
-        def add(row_id: str, title: str, of: Query | None, within: np.ndarray | None = None,
-                trending: bool = False) -> None:
-            allowed = left if within is None else within & left
-            items = retrieve.personal(of, k, allowed) if of is not None else \
-                retrieve.popular(k, allowed, by_trending=trending)
+        def add(row_id: str, title: str, items: list[Scored], personal: bool) -> None:
             if items:
-                rows.append(Row(row_id, title, items, PERSONALIZED if of else POPULAR))
+                rows.append(Row(row_id, title, items, PERSONALIZED if personal else POPULAR))
                 clear(left, [s.row for s in items])
 
-        if query is not None:
+        def best(of: Query | None, within: np.ndarray | None = None, n: int = k,
+                 trending: bool = False) -> list[Scored]:
+            allowed = left if within is None else within & left
+            return retrieve.personal(of, n, allowed) if of is not None else \
+                retrieve.popular(n, allowed, by_trending=trending)
+
+        if query is not None and len(query.played):
             last = int(query.played[0])
             add("because_you_watched", f"Because you watched {catalog.titles[last]}",
-                self._item_query(catalog, last, retrieval, WATCHED))
-        add("top_picks", "Top picks for you", query)
+                best(self._item_query(live, last, retrieval, WATCHED)), True)
+        add("top_picks", "Top picks for you", best(query), query is not None)
+        # New releases: the titles put since the snapshot first, then its recent years.
+        fresh = retrieve.new_releases(query, k, left)
         recent_from = max(spec.min_year, live.filters.last_year - self.config.new_release_years)
-        if not spec.max_year or spec.max_year >= recent_from:  # else the filter excludes them
+        if len(fresh) < k and (not spec.max_year or spec.max_year >= recent_from):
             new_spec = ItemFilter(spec.genres_any, spec.genres_none, recent_from, spec.max_year)
-            add("new_releases", "New releases for you", query, live.filters.bitmap(new_spec))
-        add("trending", "Trending now", None, trending=True)
-        return HomePage(rows, UserState.of(record), catalog)
+            within = live.snapshot_part(live.allowed(new_spec))
+            fresh += best(query, within, k - len(fresh))
+        add("new_releases", "New releases for you", fresh, query is not None)
+        add("trending", "Trending now", best(None, trending=True), False)
+        return HomePage(rows, UserState.of(record), live)
 
     # -- internals -----------------------------------------------------------------------
 
@@ -265,21 +394,28 @@ class Ranker:
         record = self.store.get_user(user_id)
         return None if record is None else catalog.fit(record)
 
-    def _query(self, catalog: CatalogSnapshot, record: UserRecord | None,
+    def _query(self, live: LiveCatalog, record: UserRecord | None,
                retrieval: str | None) -> Query | None:
-        """What a user's recommendations are retrieved from (None: nothing to go on)."""
+        """What a user's recommendations are retrieved from (None: nothing to go on). Plays
+        of items not servable now name no reason and reach no neighbours."""
+        catalog = live.catalog
         vector = self._vector(catalog, record)
         if vector is None or record is None:
             return None
         played, weights = recent_plays(record.rows, record.last_at, self.config.recent_plays,
                                        self.config.recent_half_life_plays)
+        if len(live.segment.blocked):
+            servable = allows_rows(live.open, played)
+            played, weights = played[servable], weights[servable]
         return Query.of(catalog.neighbours, vector, played, weights,
                         retrieval or self.config.retrieval)
 
-    def _item_query(self, catalog: CatalogSnapshot, row: int, retrieval: str | None,
+    def _item_query(self, live: LiveCatalog, row: int, retrieval: str | None,
                     reason: str = LIKE) -> Query:
-        """Items like the one at `row`, every one given `reason` with it as the anchor."""
-        return Query.of(catalog.neighbours, np.asarray(catalog.item_factors[row], np.float32),
+        """Items like the one at `row`, every one given `reason` with it as the anchor (a
+        live item has no neighbours yet: its vector alone)."""
+        neighbours = live.catalog.neighbours if row < len(live.catalog) else None
+        return Query.of(neighbours, live.vectors(np.array([row]))[0].astype(np.float32),
                         np.array([row], np.int64), np.ones(1),
                         retrieval or self.config.retrieval, reason)
 
@@ -300,23 +436,29 @@ class Ranker:
         return catalog.fold_in.exact([history])[0]
 
     @staticmethod
-    def _excluded(catalog: CatalogSnapshot, record: UserRecord | None,
+    def _excluded(live: LiveCatalog, record: UserRecord | None,
                   watched: bool = True) -> np.ndarray:
         """Rows never shown to the user: the items they dismissed, and (`watched`) those in
-        their history."""
+        their history (the live ones among the history items the snapshot does not have)."""
         if record is None:
             return np.zeros(0, np.int64)
-        dismissed = np.fromiter((r for r in map(catalog.item_index.get, record.dismissed)
-                                 if r is not None), np.int64)
-        return np.concatenate([dismissed, record.rows[record.rows >= 0]]) if watched \
-            else dismissed
+        index = live.catalog.item_index
+        dismissed = [r for r in map(index.get, record.dismissed) if r is not None]
+        dismissed += live.live_rows(record.dismissed)
+        if not watched:
+            return np.array(dismissed, np.int64)
+        unknown = np.flatnonzero(record.rows < 0)
+        played_live = live.live_rows([record.item_id(int(i)) for i in unknown]) \
+            if len(live.segment) and len(unknown) else []
+        return np.concatenate([np.array(dismissed + played_live, np.int64),
+                               record.rows[record.rows >= 0]])
 
     @staticmethod
     def _without(live: LiveCatalog, allowed: np.ndarray | None, rows: Sequence[int] | np.ndarray,
                  always_copy: bool = False) -> np.ndarray | None:
-        """`allowed` (None: every item) less `rows`, as a new bitmap (or None, unchanged)."""
+        """`allowed` (None: every row) less `rows`, as a new bitmap (or None, unchanged)."""
         if not len(rows) and not always_copy:
             return allowed
-        allowed = live.filters.all.copy() if allowed is None else allowed.copy()
+        allowed = live.every() if allowed is None else allowed.copy()
         clear(allowed, rows)
         return allowed

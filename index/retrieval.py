@@ -1,8 +1,9 @@
-"""Candidate sources and how they are merged: the ANN search on a vector, the co-visitation
-neighbours of played items, the popularity order, each restricted by an allowed-rows bitmap.
+"""Candidate sources and how they are merged: the ANN search on a vector (with the exact
+search of the live segment beside it), the co-visitation neighbours of played items, the
+popularity order, each restricted by an allowed-rows bitmap.
 
 Every returned item carries its reason: the user's taste (the vector), similarity to a
-played item (named by its row), or popularity/trending (the fallback).
+played item (named by its row), new in the catalog, or popularity/trending (the fallback).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from index.filters import allows_rows, count, unpack
-from index.kernels import blend_top, readonly
+from index.kernels import blend_top, live_top, readonly
 from index.neighbours import Candidates, Neighbours, candidates
 
 if TYPE_CHECKING:
@@ -23,10 +24,15 @@ BLEND, VECTOR, NEIGHBOURS = "blend", "vector", "neighbours"
 RETRIEVALS = (BLEND, VECTOR, NEIGHBOURS)
 # Reasons: the user's taste; similar to a recently watched item / to the requested item.
 TASTE, WATCHED, LIKE = "taste", "similar_to_watched", "similar_to_item"
-POPULAR, TRENDING = "popular", "trending"
+POPULAR, TRENDING, NEW = "popular", "trending", "new_release"
 _POPULAR_BLOCK = 4096
 _EVERY_ROW = np.zeros(0, np.uint8)  # blend_top's empty bitmap: no restriction
 _NO_VECTOR = readonly(np.zeros(0, np.float32))  # a query without one (weight 1: unused)
+
+
+def _query_vector(vector: np.ndarray) -> np.ndarray:
+    """A query vector as the kernels take it (one array type: float32, read-only)."""
+    return readonly(np.ascontiguousarray(vector, np.float32))
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,7 @@ class Retriever:
             return found + self._fill(k - len(found), allowed, found)
         ann = self.search(query.vector, k, allowed)
         if query.retrieval == VECTOR or not len(reached.rows):
-            rows, scores = self._ranked(query.vector, ann)
+            rows, scores = self._ranked(query.vector, ann, k)
             return self._named(query, [Scored(r, s) for r, s in zip(
                 rows.tolist(), scores.tolist(), strict=True)])
         return self._merged(query, reached, ann, self.blend_weight, k, allowed)
@@ -101,12 +107,13 @@ class Retriever:
         alone). The ANN's top k suffice from the vector side: an item outside the
         neighbours has only its vector score, so no item outside both sets can beat them.
         """
-        vector = _NO_VECTOR if query.vector is None else \
-            readonly(np.ascontiguousarray(query.vector, np.float32))
+        vector = _NO_VECTOR if query.vector is None else _query_vector(query.vector)
+        segment = self.live.segment
         rows, scores, anchors = blend_top(
             reached.rows, reached.scores, reached.anchors,
             _EVERY_ROW if allowed is None else allowed, n_best or self.neighbour_candidates,
-            ann, self.live.catalog.item_factors, vector, weight, k)
+            ann, self.live.catalog.item_factors, segment.vectors, segment.offset, vector,
+            weight, k)
         found = [Scored(r, s, WATCHED if a >= 0 else TASTE, a) for r, s, a in
                  zip(rows.tolist(), scores.tolist(), anchors.tolist(), strict=True)]
         return self._named(query, found)
@@ -127,42 +134,77 @@ class Retriever:
         return [s for s in self.popular(n + len(taken), allowed) if s.row not in taken][:n]
 
     def search(self, vector: np.ndarray, k: int, allowed: np.ndarray | None) -> np.ndarray:
-        """Up to k rows for the vector among those the bitmap allows: the ANN index's, or
-        the exact top k when the bitmap is narrow (or the index gave up early)."""
+        """Up to k rows of the snapshot for the vector among those the bitmap allows (the
+        ANN index's, or the exact top k when the bitmap is narrow or the index gave up
+        early), then the live segment's exact top k."""
         catalog = self.live.catalog
-        budget = len(catalog) if allowed is None else count(allowed)
+        budget = len(catalog) if allowed is None else count(allowed[:-(-len(catalog) // 8)])
+        ids = None
         if budget > self.brute_force_below:
             ids = catalog.search(vector, k, allowed)[0][0]
             ids = ids[ids >= 0]
-            if len(ids) >= min(k, budget):
-                return ids
-        rows = np.arange(len(catalog)) if allowed is None else \
-            np.flatnonzero(unpack(allowed, len(catalog)))
-        return self._ranked(vector, rows, k)[0]
+        if ids is None or len(ids) < min(k, budget):
+            rows = np.arange(len(catalog)) if allowed is None else \
+                np.flatnonzero(unpack(allowed, len(catalog)))
+            ids = self._ranked(vector, rows, k)[0]
+        return np.concatenate([ids, self._live(vector, k, allowed)[0]]) \
+            if len(self.live.segment) else ids
+
+    def _live(self, vector: np.ndarray, k: int,
+              allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """The live segment's exact top k rows the bitmap allows, and their scores."""
+        segment = self.live.segment
+        found, scores = live_top(segment.vectors, _EVERY_ROW if allowed is None else allowed,
+                                 segment.offset // 8, _query_vector(vector), k)
+        return found + segment.offset, scores
+
+    def new_releases(self, query: Query | None, k: int, allowed: np.ndarray) -> list[Scored]:
+        """Up to k of the live items the bitmap allows: by the query's vector, else the
+        newest first."""
+        segment = self.live.segment
+        if not len(segment):
+            return []
+        if query is not None and query.vector is not None:
+            rows, scores = self._live(query.vector, k, allowed)
+            return [Scored(r, s, NEW) for r, s in zip(rows.tolist(), scores.tolist(),
+                                                      strict=True)]
+        newest = segment.offset + np.arange(len(segment))[::-1]
+        newest = newest[allows_rows(allowed, newest)][:k]
+        return [Scored(r, float(segment.put_at[r - segment.offset]), NEW)
+                for r in newest.tolist()]
 
     def _ranked(self, vector: np.ndarray, rows: np.ndarray,
                 k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The rows (their best k) by their exact scores for the vector, and the scores (an
         index's own may be approximate: the preset's stores 8-bit codes)."""
-        scores = self.live.catalog.item_factors[rows] @ vector
+        scores = self.live.vectors(rows) @ vector
         order = np.argsort(-scores, kind="stable")[:k]
         return rows[order], scores[order]
 
     def popular_among(self, rows: np.ndarray, allowed: np.ndarray) -> list[Scored]:
-        """The `rows` the bitmap allows, in the popularity order."""
+        """The `rows` the bitmap allows, in the popularity order (live items by their
+        recent plays, on the same scale)."""
+        live = self.live
         given = rows[allows_rows(allowed, rows)]
-        order = given[np.argsort(self.live.popular_rank[given], kind="stable")]
-        popularity = self.live.catalog.popularity
-        return [Scored(r, float(popularity[r]), POPULAR) for r in order.tolist()]
+        offset = live.segment.offset
+        snapshot = given < offset
+        score = np.empty(len(given))
+        score[snapshot] = live.popular_score[given[snapshot]]
+        score[~snapshot] = live.live_popular[given[~snapshot] - offset]
+        order = np.lexsort((given, -score))  # ties as the popularity order: by row
+        return [Scored(r, float(s), POPULAR) for r, s in zip(
+            given[order].tolist(), score[order].tolist(), strict=True)]
 
     def popular(self, k: int, allowed: np.ndarray | None,
                 by_trending: bool = False) -> list[Scored]:
-        """The fallback: the popularity (or trending) order, restricted by the bitmap."""
+        """The fallback: the popularity (or trending) order, restricted by the bitmap; the
+        live items played recently take their place in it."""
         live = self.live
         # With no recent plays yet, "trending" is the batch popularity.
-        by_trending = by_trending and len(live.trending_order) > 0
+        by_trending = by_trending and (len(live.trending_order) > 0 or
+                                       bool(live.live_recent.any()))
         order = live.trending_order if by_trending else live.popular_order
-        score = live.trending if by_trending else live.catalog.popularity
+        score = live.trending if by_trending else live.popular_score
         reason = TRENDING if by_trending else POPULAR
         top: list[int] = []
         # Walk the popularity order in blocks, testing bits in place: a filter rarely
@@ -174,4 +216,13 @@ class Retriever:
             top.extend(rows[:k - len(top)].tolist())
             if len(top) == k:
                 break
-        return [Scored(r, float(score[r]), reason) for r in top]
+        found = [Scored(r, float(score[r]), reason) for r in top]
+        played = np.flatnonzero(live.live_recent > 0)
+        if not len(played):
+            return found
+        rows = played + live.segment.offset
+        if allowed is not None:
+            rows = rows[allows_rows(allowed, rows)]
+        by = live.live_recent if by_trending else live.live_popular
+        found += [Scored(r, float(by[r - live.segment.offset]), reason) for r in rows.tolist()]
+        return sorted(found, key=lambda s: -s.score)[:k]

@@ -4,8 +4,9 @@ One env, named DBs: ``users`` (user_id -> binary record, see `index.user_record`
 ``seen`` (event_id -> time applied), ``seen_by_time`` (time + event_id, for pruning),
 ``item_counts`` (item_id -> decayed count and its time), ``rejected`` (time + seq ->
 JSON), ``meta`` (including the half-life the item counts decay with, so that the writer
-and every reader decay them alike). Only one thread of one process writes (LMDB allows
-one write txn at a time); readers use short read txns.
+and every reader decay them alike), and the live catalog's ``live_items``, ``item_stats``,
+``item_plays`` and ``item_changes`` (see `index.live`). Only one thread of one process
+writes (LMDB allows one write txn at a time); readers use short read txns.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from index.user_record import UserRecord
 T = TypeVar("T")
 _TIME_KEY = struct.Struct(">d")
 _COUNT = struct.Struct("<dd")
-DB_NAMES = ("users", "seen", "seen_by_time", "item_counts", "rejected", "meta")
+DB_NAMES = ("users", "seen", "seen_by_time", "item_counts", "rejected", "meta",
+            "live_items", "item_stats", "item_plays", "item_changes")
 DEFAULT_MAP_SIZE = 4 << 30
 MAX_MAP_SIZE = 1 << 40
 DEFAULT_ITEM_HALF_LIFE_S = 86_400.0
@@ -126,6 +128,28 @@ class StoreWriter:
         count = _decay_count(count, then, at, self._half_life)
         self.txn.put(key, _COUNT.pack(count + weight, max(at, then)), db=self.dbs["item_counts"])
 
+    def get_raw(self, db: str, key: bytes) -> bytes | None:
+        """The value under `key` in a named DB (a copy), or None."""
+        raw = self.txn.get(key, db=self.dbs[db])
+        return None if raw is None else bytes(raw)
+
+    def put_raw(self, db: str, key: bytes, value: bytes) -> None:
+        """Set `key` in a named DB."""
+        self.txn.put(key, value, db=self.dbs[db])
+
+    def delete_raw(self, db: str, key: bytes) -> None:
+        """Remove `key` from a named DB (if there)."""
+        self.txn.delete(key, db=self.dbs[db])
+
+    def scan(self, db: str, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
+        """The entries of a named DB whose keys start with `prefix`, in key order (copies:
+        the caller may write while iterating)."""
+        cursor = self.txn.cursor(db=self.dbs[db])
+        ok = cursor.set_range(prefix)
+        while ok and bytes(cursor.key()).startswith(prefix):
+            yield bytes(cursor.key()), bytes(cursor.value())
+            ok = cursor.next()
+
     def put_rejected(self, at: float, seq: int, info: dict[str, Any]) -> None:
         """Keep a rejected event with its reason."""
         key = _TIME_KEY.pack(at) + seq.to_bytes(8, "big")
@@ -171,9 +195,16 @@ class UserStore:
                              max_readers=max_readers, readonly=readonly, sync=sync,
                              metasync=sync, readahead=False)
         self.reap_stale_readers()
-        self.dbs = {name: self.env.open_db(name.encode(), create=not readonly)
-                    for name in DB_NAMES}
+        self.dbs = {name: self._open_db(name, readonly) for name in DB_NAMES}
         self._lock = _ResizeLock()
+
+    def _open_db(self, name: str, readonly: bool) -> Any:
+        try:
+            return self.env.open_db(name.encode(), create=not readonly)
+        except lmdb.NotFoundError:
+            # Read-only over a store written before this DB existed (its writer creates it
+            # when it next opens the store): read as empty until then.
+            return None
 
     def reap_stale_readers(self) -> int:
         """Free reader slots left by killed processes (else they pin old pages forever)."""
@@ -243,6 +274,29 @@ class UserStore:
                 out.append(json.loads(bytes(cursor.value())))
                 ok = cursor.prev()
             return out
+
+    def scan(self, db: str, start: bytes = b"", prefix: bytes = b""
+             ) -> list[tuple[bytes, bytes]]:
+        """The entries of a named DB from key `start` on whose keys start with `prefix`, in
+        key order (copies); none from a DB this read-only store does not have yet."""
+        if self.dbs[db] is None:
+            return []
+        with self._read() as txn:
+            cursor = txn.cursor(db=self.dbs[db])
+            out: list[tuple[bytes, bytes]] = []
+            ok = cursor.set_range(max(start, prefix))
+            while ok and bytes(cursor.key()).startswith(prefix):
+                out.append((bytes(cursor.key()), bytes(cursor.value())))
+                ok = cursor.next()
+            return out
+
+    def get_many(self, db: str, keys: list[bytes]) -> list[bytes | None]:
+        """The values under `keys` in a named DB, in one read txn (None where absent)."""
+        if self.dbs[db] is None:
+            return [None] * len(keys)
+        with self._read() as txn:
+            return [None if (raw := txn.get(key, db=self.dbs[db])) is None else bytes(raw)
+                    for key in keys]
 
     def get_meta(self, key: str) -> str | None:
         """A meta entry, or None."""

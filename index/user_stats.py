@@ -90,10 +90,6 @@ class UserStats:
         return UserStats(self.model_version, self.half_life_s, record.version, self.updates + 1,
                          upper, linear, weighted)
 
-    def matrix(self) -> np.ndarray:
-        """P as a full symmetric d x d matrix."""
-        return np.triu(self.upper) + np.triu(self.upper, 1).T
-
 
 class StatsCache:
     """The statistics of recently active users, least recently used out first."""

@@ -26,6 +26,8 @@ class Settings(ServerSettings):
     max_k: int = 500
     max_rank_items: int = field(default=500, metadata={"help": "most item_ids in RankItems"})
     catalog_poll_s: float = 1.0
+    live_poll_s: float = field(default=0.2, metadata={
+        "help": "how often the live catalog (puts, take-downs, learned items) is followed"})
     trending_refresh_s: float = 5.0
     brute_force_below: int = RankingConfig.brute_force_below
     popularity_blend: float = RankingConfig.popularity_blend
@@ -46,6 +48,8 @@ class Settings(ServerSettings):
         self.check_security()
         if self.workers < 1 or (self.workers > 1 and self.port == 0):
             raise ValueError("workers must be >= 1, and several workers need a fixed --port")
+        if not 0 < self.live_poll_s <= 60 or not 0 < self.catalog_poll_s <= 3600:
+            raise ValueError("live_poll_s must be in (0, 60] and catalog_poll_s in (0, 3600]")
         if self.max_k < 1 or self.max_rank_items < 1:
             raise ValueError(f"max_k and max_rank_items must be >= 1, got {self.max_k} and "
                              f"{self.max_rank_items}")

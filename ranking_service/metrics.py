@@ -23,6 +23,12 @@ class RankingMetrics:
             registry=self.registry)
         self.catalog = Gauge("freshrec_catalog_info", "Catalog version served", ["version"],
                              registry=self.registry)
+        self.live_items = Gauge("freshrec_live_items",
+                                "Items served from the live segment (put since the snapshot)",
+                                registry=self.registry)
+        self.live_version = Gauge("freshrec_live_catalog_version",
+                                  "Live catalog version this worker serves",
+                                  registry=self.registry)
         self.reloads = Counter("freshrec_catalog_reloads_total", "Catalog reloads by outcome",
                                ["outcome"], registry=self.registry)
 

@@ -20,8 +20,8 @@ from weakref import WeakKeyDictionary
 import grpc
 
 from index.catalog import CatalogSnapshot
-from index.ranking import UserState
-from index.retrieval import LIKE, POPULAR, TASTE, TRENDING, WATCHED, Scored
+from index.ranking import LiveCatalog, UserState
+from index.retrieval import LIKE, NEW, POPULAR, TASTE, TRENDING, WATCHED, Scored
 from recsys.v1 import ranking_pb2
 
 SERVICE = "recsys.v1.RankingService"
@@ -29,7 +29,8 @@ Kind = ranking_pb2.Reason
 REASONS = {TASTE: (Kind.TASTE, "Matches your taste"),
            WATCHED: (Kind.SIMILAR_TO_WATCHED, "Because you watched {}"),
            LIKE: (Kind.SIMILAR_TO_ITEM, "Like {}"),
-           POPULAR: (Kind.POPULAR, "Popular"), TRENDING: (Kind.TRENDING, "Trending now")}
+           POPULAR: (Kind.POPULAR, "Popular"), TRENDING: (Kind.TRENDING, "Trending now"),
+           NEW: (Kind.NEW_RELEASE, "New release")}
 _SCORE = b"\x15"  # ScoredItem.score: field 2, 32-bit
 _FLOAT = struct.Struct("<f")
 
@@ -62,18 +63,19 @@ def _timestamp(number: int, at: float) -> bytes:
     return _field(number, _number(1, seconds) + (_number(2, nanos) if nanos else b""))
 
 
-def to_reason(catalog: CatalogSnapshot, scored: Scored) -> ranking_pb2.Reason:
+def to_reason(live: LiveCatalog, scored: Scored) -> ranking_pb2.Reason:
     """The Reason message of a ranked item."""
     kind, text = REASONS[scored.reason]
     if scored.anchor < 0:
         return ranking_pb2.Reason(kind=kind, text=text)
-    title = catalog.titles[scored.anchor]
-    return ranking_pb2.Reason(kind=kind, item_id=catalog.item_ids[scored.anchor],
-                              item_title=title, text=text.format(title))
+    anchor = live.item(scored.anchor)
+    return ranking_pb2.Reason(kind=kind, item_id=anchor.item_id, item_title=anchor.title,
+                              text=text.format(anchor.title))
 
 
 class Encoder:
-    """Encodes the responses of one snapshot, caching each item's and reason's bytes."""
+    """Encodes the responses of one snapshot, caching each of its items' and reasons' bytes
+    (a live item's are made per response: its row means another item in another segment)."""
 
     def __init__(self, catalog: CatalogSnapshot) -> None:
         self.catalog = catalog
@@ -81,45 +83,49 @@ class Encoder:
         self._reasons: dict[tuple[str, int], bytes] = {}
         self._model_version = catalog.model_version.encode()
 
-    def items(self, number: int, scored: Sequence[Scored]) -> bytes:
+    def items(self, number: int, scored: Sequence[Scored], live: LiveCatalog) -> bytes:
         """The items as repeated field `number` of a message."""
-        return b"".join(_field(number, self._item(s)) for s in scored)
+        return b"".join(_field(number, self._item(s, live)) for s in scored)
 
-    def _item(self, s: Scored) -> bytes:
+    def _item(self, s: Scored, live: LiveCatalog) -> bytes:
+        offset = live.segment.offset
         fixed = self._items.get(s.row)
         if fixed is None:
-            catalog = self.catalog
-            fixed = self._items[s.row] = ranking_pb2.ScoredItem(
-                item_id=catalog.item_ids[s.row], title=catalog.titles[s.row],
-                genres=catalog.genres_of(s.row), year=int(catalog.years[s.row]),
-            ).SerializeToString()
+            item = live.item(s.row)
+            fixed = ranking_pb2.ScoredItem(item_id=item.item_id, title=item.title,
+                                           genres=item.genres, year=item.year,
+                                           ).SerializeToString()
+            if s.row < offset:
+                self._items[s.row] = fixed
         reason = self._reasons.get((s.reason, s.anchor))
         if reason is None:
-            reason = self._reasons[(s.reason, s.anchor)] = _field(
-                6, to_reason(self.catalog, s).SerializeToString())
+            reason = _field(6, to_reason(live, s).SerializeToString())
+            if s.anchor < offset:
+                self._reasons[(s.reason, s.anchor)] = reason
         return fixed + _SCORE + _FLOAT.pack(s.score) + reason
 
-    def recommend(self, scored: Sequence[Scored], source: int, user: UserState) -> bytes:
+    def recommend(self, live: LiveCatalog, scored: Sequence[Scored], source: int,
+                  user: UserState) -> bytes:
         """A RecommendResponse."""
-        return self.items(1, scored) + _number(2, source) + _number(3, user.version) + \
+        return self.items(1, scored, live) + _number(2, source) + _number(3, user.version) + \
             _field(4, self._model_version) + _timestamp(5, user.updated_at)
 
-    def ranked(self, scored: Sequence[Scored], unknown: Sequence[str], source: int,
-               user: UserState) -> bytes:
+    def ranked(self, live: LiveCatalog, scored: Sequence[Scored], unknown: Sequence[str],
+               source: int, user: UserState) -> bytes:
         """A RankItemsResponse."""
-        return self.items(1, scored) + b"".join(_field(2, i.encode()) for i in unknown) + \
+        return self.items(1, scored, live) + b"".join(_field(2, i.encode()) for i in unknown) + \
             _number(3, source) + _number(4, user.version) + _field(5, self._model_version) + \
             _timestamp(6, user.updated_at)
 
-    def similar(self, scored: Sequence[Scored]) -> bytes:
+    def similar(self, live: LiveCatalog, scored: Sequence[Scored]) -> bytes:
         """A SimilarItemsResponse."""
-        return self.items(1, scored) + _field(2, self._model_version)
+        return self.items(1, scored, live) + _field(2, self._model_version)
 
-    def home(self, rows: Sequence[tuple[str, str, Sequence[Scored], int]],
+    def home(self, live: LiveCatalog, rows: Sequence[tuple[str, str, Sequence[Scored], int]],
              user: UserState) -> bytes:
         """A HomePageResponse of (id, title, items, source) rows."""
         encoded = [_field(1, _field(1, row_id.encode()) + _field(2, title.encode()) +
-                          self.items(3, items) + _number(4, source))
+                          self.items(3, items, live) + _number(4, source))
                    for row_id, title, items, source in rows]
         return b"".join(encoded) + _number(2, user.version) + _field(3, self._model_version) + \
             _timestamp(4, user.updated_at)

@@ -130,17 +130,17 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             request.user_id, request.k, to_filter(request.filter), request.include_watched,
             retrieval))
         self.metrics.responses.labels(ranking.source).inc()
-        return encoder(ranking.catalog).recommend(
-            ranking.items, SOURCES.get(ranking.source, ranking_pb2.POPULAR),
+        return encoder(ranking.live.catalog).recommend(
+            ranking.live, ranking.items, SOURCES.get(ranking.source, ranking_pb2.POPULAR),
             self._served(ranking.user))
 
     def SimilarItems(self, request: ranking_pb2.SimilarItemsRequest,
                      context: grpc.ServicerContext) -> bytes:
         self._check("item_id", request.item_id, request.k)
         retrieval = to_retrieval(request.retrieval)
-        items, catalog = self._timed("SimilarItems", lambda: self.ranker.similar(
+        items, live = self._timed("SimilarItems", lambda: self.ranker.similar(
             request.item_id, request.k, to_filter(request.filter), retrieval))
-        return encoder(catalog).similar(items)
+        return encoder(live.catalog).similar(live, items)
 
     def RankItems(self, request: ranking_pb2.RankItemsRequest, context: grpc.ServicerContext
                   ) -> bytes:
@@ -159,9 +159,9 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         retrieval = to_retrieval(request.retrieval)
         ranking = self._timed("RankItems", lambda: self.ranker.rank(
             request.user_id, item_ids, to_filter(request.filter), retrieval))
-        return encoder(ranking.catalog).ranked(
-            ranking.items, ranking.unknown, SOURCES.get(ranking.source, ranking_pb2.POPULAR),
-            self._served(ranking.user))
+        return encoder(ranking.live.catalog).ranked(
+            ranking.live, ranking.items, ranking.unknown,
+            SOURCES.get(ranking.source, ranking_pb2.POPULAR), self._served(ranking.user))
 
     def HomePage(self, request: ranking_pb2.HomePageRequest, context: grpc.ServicerContext
                  ) -> bytes:
@@ -170,8 +170,8 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         retrieval = to_retrieval(request.retrieval)
         page = self._timed("HomePage", lambda: self.ranker.home(
             request.user_id, request.k_per_row, to_filter(request.filter), retrieval))
-        return encoder(page.catalog).home(
-            [(r.id, r.title, r.items, SOURCES.get(r.source, ranking_pb2.POPULAR))
+        return encoder(page.live.catalog).home(
+            page.live, [(r.id, r.title, r.items, SOURCES.get(r.source, ranking_pb2.POPULAR))
              for r in page.rows], self._served(page.user))
 
 
@@ -214,7 +214,8 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
 
 
 class Maintenance:
-    """Follows snapshots/CURRENT and refreshes trending counts, off the request path."""
+    """Follows snapshots/CURRENT and the live catalog, and refreshes trending counts, off
+    the request path."""
 
     def __init__(self, settings: Settings, ranker: Ranker, store: UserStore,
                  metrics: RankingMetrics) -> None:
@@ -235,14 +236,22 @@ class Maintenance:
             self._thread.join(min(timeout, 5))
 
     def _run(self) -> None:
-        next_trending = 0.0
-        while not self._stop.wait(self.settings.catalog_poll_s):
+        settings = self.settings
+        next_follow = next_trending = 0.0
+        while not self._stop.wait(min(settings.live_poll_s, settings.catalog_poll_s)):
             try:
-                self._follow()
-                if time.monotonic() >= next_trending:
+                now = time.monotonic()
+                if now >= next_follow:
+                    self._follow()
+                    next_follow = now + settings.catalog_poll_s
+                if self.ranker.refresh_live():
+                    segment = self.ranker.live.segment
+                    self.metrics.live_items.set(len(segment))
+                    self.metrics.live_version.set(segment.version)
+                if now >= next_trending:
                     self.ranker.refresh_trending()
                     self.store.reap_stale_readers()
-                    next_trending = time.monotonic() + self.settings.trending_refresh_s
+                    next_trending = now + settings.trending_refresh_s
             except Exception as exc:  # never stop maintaining; keep serving the old catalog
                 log.error("catalog maintenance: %s", exc)
 

@@ -27,6 +27,7 @@ from ranking_service.config import Settings as RankingSettings
 from ranking_service.server import create_server as create_ranking_server
 from ranking_service.server import open_deps as open_ranking_deps
 from recsys.v1 import (
+    catalog_pb2,
     catalog_pb2_grpc,
     events_pb2,
     events_pb2_grpc,
@@ -85,6 +86,26 @@ def second_snapshot(data_dir: Path, catalog: CatalogSnapshot, version: str,
     write_snapshot(snapshots_dir(data_dir), version, rotated, catalog.item_table(),
                    catalog.popularity, spec, AlsParams.of(catalog.manifest.als),
                    make_current=False)
+
+
+def worker_channels(port: int, per_worker: int, workers: int = 2
+                    ) -> dict[str, list[grpc.Channel]]:
+    """Channels to the port, each on its own connection, grouped by the worker process it
+    reached (SO_REUSEPORT keeps a connection on one worker; GetCatalogInfo names it)."""
+    found: dict[str, list[grpc.Channel]] = {}
+    for _ in range(100):
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}",
+                                        options=[("grpc.use_local_subchannel_pool", 1)])
+        info = catalog_pb2_grpc.CatalogServiceStub(channel).GetCatalogInfo(
+            catalog_pb2.GetCatalogInfoRequest(), timeout=10)
+        chosen = found.setdefault(info.server_id, [])
+        if len(chosen) < per_worker:
+            chosen.append(channel)
+        else:
+            channel.close()
+        if len(found) == workers and all(len(c) == per_worker for c in found.values()):
+            return found
+    raise AssertionError(f"connections reached {len(found)} worker(s), not {workers}")
 
 
 class RunningEvents:

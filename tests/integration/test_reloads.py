@@ -20,7 +20,7 @@ from bench.services import start_process, stop
 from eventlog.cluster import free_port
 from index.catalog import CatalogSnapshot
 from recsys.v1 import catalog_pb2, catalog_pb2_grpc, ranking_pb2, ranking_pb2_grpc
-from tests.integration.conftest import second_snapshot
+from tests.integration.conftest import second_snapshot, worker_channels
 
 VERSIONS = ("small-v1", "small-v2")
 RELOADS = 1_000
@@ -44,24 +44,6 @@ class Log:
     responses: list[Call] = field(default_factory=list)
     reloads: list[Call] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
-
-
-def _channels(port: int, per_worker: int) -> dict[str, list[grpc.Channel]]:
-    """Channels to the port, each on its own connection, grouped by the worker it reached."""
-    found: dict[str, list[grpc.Channel]] = {}
-    for _ in range(100):
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}",
-                                        options=[("grpc.use_local_subchannel_pool", 1)])
-        info = catalog_pb2_grpc.CatalogServiceStub(channel).GetCatalogInfo(
-            catalog_pb2.GetCatalogInfoRequest(), timeout=10)
-        workers = found.setdefault(info.server_id, [])
-        if len(workers) < per_worker:
-            workers.append(channel)
-        else:
-            channel.close()
-        if len(found) == 2 and all(len(c) == per_worker for c in found.values()):
-            return found
-    raise AssertionError(f"connections reached {len(found)} worker(s), not 2")
 
 
 def _recommend(channel: grpc.Channel, worker: str, n: int, log: Log,
@@ -124,7 +106,7 @@ def test_alternating_reloads_on_two_workers_never_fail_or_step_back(
                             port=port, workers=2)
     log, done = Log(), threading.Event()
     try:
-        channels = _channels(port, per_worker=3)  # 2 clients and 1 admin per worker
+        channels = worker_channels(port, per_worker=3)  # 2 clients and 1 admin per worker
         clients = [threading.Thread(target=_recommend, args=(c, w, n, log, done))
                    for n, (w, c) in enumerate((w, c) for w, cs in channels.items()
                                               for c in cs[:2])]

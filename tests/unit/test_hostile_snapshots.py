@@ -34,6 +34,7 @@ from hypothesis import strategies as st
 
 from index import snapshots_dir
 from index.catalog import CatalogSnapshot
+from index.live import LiveSegment
 from index.neighbours import candidates
 from index.ranking import LiveCatalog, UserState
 from index.retrieval import Scored
@@ -122,15 +123,16 @@ def _truncate(file: Path, size: int) -> None:
 def _servable(catalog: CatalogSnapshot) -> None:
     """Use a loaded snapshot as the services do; any exception here is a finding."""
     # filters, popularity order, fold-in Gram matrix
-    live = LiveCatalog.of(catalog, np.ones(len(catalog)), 0.5)
+    live = LiveCatalog.of(catalog, LiveSegment.empty(catalog),
+                          dict.fromkeys(catalog.item_ids, 1.0), 0.5)
     assert len(catalog.item_ids) == len(catalog.titles) == len(catalog) == len(live.popular_order)
     history = catalog.history(record_of(catalog, [(i, 1.0, 0.0) for i in catalog.item_ids[:5]]))
     vector = catalog.fold_in.exact([history])[0]
     assert vector.shape == (catalog.dim,)
     # The ranking service puts these into CatalogInfo and ScoredItem messages.
     catalog_info(catalog)
-    Encoder(catalog).recommend([Scored(row, 1.0, "similar_to_watched", 0)
-                                for row in (0, len(catalog) - 1)], 1, UserState(1))
+    Encoder(catalog).recommend(live, [Scored(row, 1.0, "similar_to_watched", 0)
+                                      for row in (0, len(catalog) - 1)], 1, UserState(1))
     if catalog.index is not None:
         catalog.search(np.asarray(catalog.item_factors[0], np.float32), 5)
     if catalog.neighbours is not None:

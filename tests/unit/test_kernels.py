@@ -7,13 +7,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from index.filters import pack
-from index.kernels import blend_top, mix, reach, readonly
+from index.kernels import blend_top, live_top, mix, reach, readonly
 
 
 def _reference(found: list[int], sums: list[float], anchors: list[int], mask: list[bool],
                n_best: int, ann: list[int], factors: np.ndarray, vector: np.ndarray,
-               weight: float, k: int) -> tuple[list[int], list[float], list[int]]:
-    """blend_top's docstring, spelled out."""
+               weight: float, k: int, n_snapshot: int
+               ) -> tuple[list[int], list[float], list[int]]:
+    """blend_top's docstring, spelled out (`factors`: the snapshot's and the live
+    segment's rows, one table)."""
     allowed = [i for i in range(len(found)) if mask[found[i]]]
     ranked = sorted(allowed, key=lambda i: (-sums[i], i))[:n_best]
     kept = sorted(ranked)  # position order
@@ -49,6 +51,7 @@ def _inputs(draw: st.DrawFn) -> dict:  # type: ignore[type-arg]
                       np.float32)
     return {"found": found, "sums": sums, "anchors": anchors, "mask": mask, "ann": ann,
             "factors": factors, "vector": vector, "n_best": draw(st.integers(1, 12)),
+            "n_snapshot": draw(st.integers(0, n_items)),
             "weight": draw(st.sampled_from([0.0, 0.25, 0.5, 1.0])), "k": draw(st.integers(1, 12))}
 
 
@@ -58,7 +61,9 @@ def test_blend_top_is_its_statement(case: dict) -> None:  # type: ignore[type-ar
     rows, scores, anchors = blend_top(
         np.array(case["found"], np.int64), np.array(case["sums"], np.float64),
         np.array(case["anchors"], np.int64), pack(np.array(case["mask"], bool)),
-        case["n_best"], np.array(case["ann"], np.int64), readonly(case["factors"]),
+        case["n_best"], np.array(case["ann"], np.int64),
+        readonly(case["factors"][:case["n_snapshot"]]),
+        readonly(case["factors"][case["n_snapshot"]:]), case["n_snapshot"],
         readonly(case["vector"]), case["weight"], case["k"])
     want_rows, want_scores, want_anchors = _reference(**case)
     assert rows.tolist() == want_rows
@@ -70,9 +75,28 @@ def test_an_empty_bitmap_allows_every_row() -> None:
     factors = readonly(np.eye(3, dtype=np.float32))
     rows, _, anchors = blend_top(np.array([2, 0], np.int64), np.array([1.0, 3.0]),
                                  np.array([1, 1], np.int64), np.zeros(0, np.uint8), 5,
-                                 np.zeros(0, np.int64), factors,
+                                 np.zeros(0, np.int64), factors, factors[:0], 3,
                                  readonly(np.zeros(3, np.float32)), 1.0, 5)
     assert rows.tolist() == [0, 2] and anchors.tolist() == [1, 1]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 40), st.integers(1, 4), st.integers(0, 3), st.integers(1, 12),
+       st.randoms(use_true_random=False))
+def test_live_top_is_the_exact_top_k_of_the_allowed_rows(m: int, dim: int, first_byte: int,
+                                                          k: int, rnd) -> None:  # type: ignore[no-untyped-def]
+    vectors = np.array([[rnd.randint(-3, 3) for _ in range(dim)] for _ in range(m)],
+                       np.float32).reshape(m, dim)
+    vector = np.array([rnd.randint(-3, 3) for _ in range(dim)], np.float32)
+    mask = [rnd.random() < 0.7 for _ in range(m)]
+    bitmap = np.concatenate([np.zeros(first_byte, np.uint8), pack(np.array(mask, bool))])
+    rows, scores = live_top(readonly(vectors), bitmap, first_byte, readonly(vector), k)
+    scored = [(float(vectors[i] @ vector), i) for i in range(m) if mask[i]]
+    want = sorted(scored, key=lambda p: (-p[0], p[1]))[:k]
+    assert rows.tolist() == [i for _, i in want]
+    assert scores.tolist() == [s for s, _ in want]
+    every, _ = live_top(readonly(vectors), np.zeros(0, np.uint8), 0, readonly(vector), m or 1)
+    assert sorted(every.tolist()) == list(range(m))
 
 
 def test_mix_puts_both_sources_on_one_scale() -> None:

@@ -9,16 +9,23 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from index.catalog import CatalogSnapshot
-from index.ranking import UserState
+from index.live import LiveSegment
+from index.ranking import LiveCatalog, UserState
 from index.retrieval import LIKE, POPULAR, TASTE, TRENDING, WATCHED, Scored
 from ranking_service.responses import Encoder, encoder, to_reason
 from recsys.v1 import ranking_pb2
 
 
-def _message(catalog: CatalogSnapshot, s: Scored) -> ranking_pb2.ScoredItem:
+@pytest.fixture(scope="module")
+def live(catalog: CatalogSnapshot) -> LiveCatalog:
+    return LiveCatalog.of(catalog, LiveSegment.empty(catalog), {}, 0.5)
+
+
+def _message(live: LiveCatalog, s: Scored) -> ranking_pb2.ScoredItem:
+    catalog = live.catalog
     return ranking_pb2.ScoredItem(item_id=catalog.item_ids[s.row], score=s.score,
                                   title=catalog.titles[s.row], genres=catalog.genres_of(s.row),
-                                  year=int(catalog.years[s.row]), reason=to_reason(catalog, s))
+                                  year=int(catalog.years[s.row]), reason=to_reason(live, s))
 
 
 scored_items = st.builds(
@@ -47,21 +54,22 @@ def _without_time(message: Any, user: UserState) -> Any:
 @given(items=st.lists(scored_items, max_size=12), source=st.sampled_from([1, 2]),
        user=user_states)
 def test_encoded_recommend_similar_and_rank_items_equal_the_message_api(
-    catalog: CatalogSnapshot, items: list[Scored], source: int, user: UserState
+    live: LiveCatalog, items: list[Scored], source: int, user: UserState
 ) -> None:
+    catalog = live.catalog
     encode = encoder(catalog)
     version = user.version
     expected = ranking_pb2.RecommendResponse(
-        items=[_message(catalog, s) for s in items], source=source,  # type: ignore[arg-type]
+        items=[_message(live, s) for s in items], source=source,  # type: ignore[arg-type]
         user_version=version, model_version=catalog.model_version)
     assert _without_time(ranking_pb2.RecommendResponse.FromString(
-        encode.recommend(items, source, user)), user) == expected
-    assert ranking_pb2.SimilarItemsResponse.FromString(encode.similar(items)) == \
+        encode.recommend(live, items, source, user)), user) == expected
+    assert ranking_pb2.SimilarItemsResponse.FromString(encode.similar(live, items)) == \
         ranking_pb2.SimilarItemsResponse(items=expected.items,
                                          model_version=catalog.model_version)
     unknown = [f"gone-{s.row}" for s in items[:3]]
     assert _without_time(ranking_pb2.RankItemsResponse.FromString(
-        encode.ranked(items, unknown, source, user)), user) == ranking_pb2.RankItemsResponse(
+        encode.ranked(live, items, unknown, source, user)), user) == ranking_pb2.RankItemsResponse(
             items=expected.items, unknown_item_ids=unknown, source=source,  # type: ignore[arg-type]
             user_version=version, model_version=catalog.model_version)
 
@@ -70,21 +78,23 @@ def test_encoded_recommend_similar_and_rank_items_equal_the_message_api(
 @given(rows=st.lists(st.tuples(st.text(max_size=20), st.text(max_size=40),
                                st.lists(scored_items, max_size=5), st.sampled_from([1, 2])),
                      max_size=4), user=user_states)
-def test_encoded_home_page_equals_the_message_api(catalog: CatalogSnapshot,
+def test_encoded_home_page_equals_the_message_api(live: LiveCatalog,
                                                   rows: list, user: UserState) -> None:
+    catalog = live.catalog
     expected = ranking_pb2.HomePageResponse(
-        rows=[ranking_pb2.Row(id=i, title=t, items=[_message(catalog, s) for s in items],
+        rows=[ranking_pb2.Row(id=i, title=t, items=[_message(live, s) for s in items],
                               source=source) for i, t, items, source in rows],
         user_version=user.version, model_version=catalog.model_version)
     assert _without_time(ranking_pb2.HomePageResponse.FromString(
-        Encoder(catalog).home(rows, user)), user) == expected
+        Encoder(catalog).home(live, rows, user)), user) == expected
 
 
-def test_one_encoder_per_snapshot(catalog: CatalogSnapshot) -> None:
+def test_one_encoder_per_snapshot(live: LiveCatalog) -> None:
+    catalog = live.catalog
     assert encoder(catalog) is encoder(catalog)
-    reason = ranking_pb2.RecommendResponse.FromString(
-        encoder(catalog).recommend([Scored(3, 1.0, WATCHED, 5)], 1, UserState(1))).items[0].reason
+    reason = ranking_pb2.RecommendResponse.FromString(encoder(catalog).recommend(
+        live, [Scored(3, 1.0, WATCHED, 5)], 1, UserState(1))).items[0].reason
     assert reason.item_id == catalog.item_ids[5]
     assert reason.text == f"Because you watched {catalog.titles[5]}"
     with pytest.raises(KeyError):
-        encoder(catalog).recommend([Scored(3, 1.0, "no-such-reason")], 1, UserState(1))
+        encoder(catalog).recommend(live, [Scored(3, 1.0, "no-such-reason")], 1, UserState(1))
