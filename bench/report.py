@@ -47,6 +47,17 @@ def markdown(results: dict[str, Any]) -> str:
     lines.append(f"| grpc echo (floor) | | | | | empty Recommend | {_ms(echo[1])} | 1.00 | "
                  f"{echo[4]['requests_per_s']:,} | {echo[16]['requests_per_s']:,} | 100% | "
                  f"{_ms(echo[16])} | {sum(sum(r['errors'].values()) for r in echo.values())} |")
+    lines += ["", "Recommend (1 client) beside live items: alternating runs without and with "
+              "them, medians of the runs' p50:", "", "| catalog | live items | rounds | "
+              "p50 without (ms) | p50 with (ms) | with / without | put -> served on every "
+              "worker (s) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, c in results["catalogs"].items():
+        if "live_catalog" in c:
+            lc = c["live_catalog"]
+            lines.append(f"| {name} | {lc['live_items']:,} | {lc['rounds']} | "
+                         f"{lc['p50_without_ms']:.3f} | {lc['p50_with_ms']:.3f} | "
+                         f"{lc['p50_ratio']:.3f} | "
+                         f"{', '.join(f'{s:.2f}' for s in lc['put_to_served_s'])} |")
     lines += ["", "| catalog | ingest 500-event msgs ev/s | 1-event msgs ev/s | "
               "ack p50 / p99 @5k ev/s in 50s | @5k ev/s in 10s | @2k ev/s in 1s | "
               "freshness p50 / p99 (1k ev/s background) |", "|---|---:|---:|---:|---:|---:|---:|"]

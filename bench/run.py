@@ -2,7 +2,8 @@
 
 For each catalog (MovieLens-100K, synthetic 100k and 1M items, d=64; built once into
 bench/data/), the real event and ranking services are started on a copy of its data dir
-and driven from client processes. Floors measured in the same run: a minimal grpcio echo
+and driven from client processes (then again beside 10,000 live items, `bench.live`).
+Floors measured in the same run: a minimal grpcio echo
 server and exact numpy search. Results: bench/results/<UTC time>.json, a Markdown table
 (printed and written beside it) and a PNG (latency CDFs, throughput vs clients).
 `--quick` (make bench QUICK=1) runs MovieLens-100K only with short stages, in about a minute.
@@ -26,7 +27,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from bench import freshness, ingest, load, report
+from bench import freshness, ingest, live, load, report
 from bench.prefill import prefill
 from bench.services import start_process, stop
 from index import snapshots_dir, users_dir
@@ -45,6 +46,7 @@ CATALOGS = {
                      "--per-user", "50", "--index", "hnsw", "--neighbour-window", "10"],
 }
 CLIENTS = [1, 4, 16]
+LIVE_ITEMS = 10_000  # put through ItemService for the live-segment stage
 FULL_USERS = {False: 10_000, True: 1_000}  # users prefilled to the cap, full and quick runs
 
 
@@ -121,6 +123,10 @@ def measure(name: str, data_dir: Path, quick: bool, port: int) -> dict[str, Any]
                 result[rpc] = [stage(f"{rpc}, {n} clients",
                                      functools.partial(load.drive, target, rpc, users, n,
                                                        seconds)) for n in CLIENTS]
+            result["live_catalog"] = stage(f"Recommend beside {LIVE_ITEMS:,} live items",
+                                           lambda: live.suite(
+                events_target, target, users, catalog.manifest.genres, LIVE_ITEMS, seconds,
+                1 if quick else 3))
             stub = events_pb2_grpc.EventServiceStub(grpc.insecure_channel(events_target))
             result["ingest"] = stage("ingest", lambda: ingest.suite(
                 stub, catalog.item_ids, users, scale, 5_000.0, 2_000.0))

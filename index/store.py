@@ -203,8 +203,14 @@ class UserStore:
             return self.env.open_db(name.encode(), create=not readonly)
         except lmdb.NotFoundError:
             # Read-only over a store written before this DB existed (its writer creates it
-            # when it next opens the store): read as empty until then.
+            # when it next opens the store): read as empty until then (`_db`).
             return None
+
+    def _db(self, name: str) -> Any:
+        """A named DB's handle; one this read-only store lacked is looked for again."""
+        if self.dbs[name] is None:
+            self.dbs[name] = self._open_db(name, readonly=True)
+        return self.dbs[name]
 
     def reap_stale_readers(self) -> int:
         """Free reader slots left by killed processes (else they pin old pages forever)."""
@@ -279,10 +285,11 @@ class UserStore:
              ) -> list[tuple[bytes, bytes]]:
         """The entries of a named DB from key `start` on whose keys start with `prefix`, in
         key order (copies); none from a DB this read-only store does not have yet."""
-        if self.dbs[db] is None:
+        handle = self._db(db)
+        if handle is None:
             return []
         with self._read() as txn:
-            cursor = txn.cursor(db=self.dbs[db])
+            cursor = txn.cursor(db=handle)
             out: list[tuple[bytes, bytes]] = []
             ok = cursor.set_range(max(start, prefix))
             while ok and bytes(cursor.key()).startswith(prefix):
@@ -292,10 +299,11 @@ class UserStore:
 
     def get_many(self, db: str, keys: list[bytes]) -> list[bytes | None]:
         """The values under `keys` in a named DB, in one read txn (None where absent)."""
-        if self.dbs[db] is None:
+        handle = self._db(db)
+        if handle is None:
             return [None] * len(keys)
         with self._read() as txn:
-            return [None if (raw := txn.get(key, db=self.dbs[db])) is None else bytes(raw)
+            return [None if (raw := txn.get(key, db=handle)) is None else bytes(raw)
                     for key in keys]
 
     def get_meta(self, key: str) -> str | None:
