@@ -31,9 +31,17 @@ from typing import TypeAlias
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from recsys.v1 import events_pb2, events_pb2_grpc, ranking_pb2, ranking_pb2_grpc
+from recsys.v1 import (
+    catalog_pb2,
+    catalog_pb2_grpc,
+    events_pb2,
+    events_pb2_grpc,
+    ranking_pb2,
+    ranking_pb2_grpc,
+)
 
-EVENTS, RANKING = "recsys.v1.EventService", "recsys.v1.RankingService"
+EVENTS, RANKING, ITEMS = ("recsys.v1.EventService", "recsys.v1.RankingService",
+                          "recsys.v1.ItemService")
 RETRYABLE = ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]
 Retrieval: TypeAlias = ranking_pb2.Retrieval
 BLEND: Retrieval = ranking_pb2.RETRIEVAL_BLEND
@@ -52,6 +60,8 @@ def service_config(attempts: int = 5, initial_backoff_s: float = 0.05,
         {"name": [{"service": RANKING}], "retryPolicy": retry},
         {"name": [{"service": EVENTS, "method": "Track"},
                   {"service": EVENTS, "method": "GetUser"}], "retryPolicy": retry},
+        {"name": [{"service": ITEMS}], "retryPolicy": retry},  # a put or take-down repeated
+        # leaves the same catalog
     ]})
 
 
@@ -110,6 +120,7 @@ class Client:
         self._ranking_channel = channel(ranking_target, tls, token)
         self.events = events_pb2_grpc.EventServiceStub(self._events_channel)
         self.ranking = ranking_pb2_grpc.RankingServiceStub(self._ranking_channel)
+        self.items = catalog_pb2_grpc.ItemServiceStub(self._events_channel)
 
     def __enter__(self) -> Client:
         return self
@@ -182,6 +193,25 @@ class Client:
         """The user's current state."""
         return self.events.GetUser(events_pb2.GetUserRequest(user_id=user_id),
                                    timeout=self._timeout(timeout))
+
+    # -- the live catalog (admin) ---------------------------------------------------------
+
+    def put_items(self, items: Sequence[catalog_pb2.CatalogItem], timeout: float | None = None
+                  ) -> catalog_pb2.PutItemsResponse:
+        """Add or update up to 1,000 items; served by every ranking worker within a poll."""
+        return self.items.PutItems(catalog_pb2.PutItemsRequest(items=list(items)),
+                                   timeout=self._timeout(timeout))
+
+    def take_down_items(self, item_ids: Sequence[str], timeout: float | None = None
+                        ) -> catalog_pb2.TakeDownItemsResponse:
+        """Take items down from every RPC until they are put again."""
+        return self.items.TakeDownItems(catalog_pb2.TakeDownItemsRequest(
+            item_ids=list(item_ids)), timeout=self._timeout(timeout))
+
+    def get_item(self, item_id: str, timeout: float | None = None) -> catalog_pb2.ItemState:
+        """An item's state in the live catalog."""
+        return self.items.GetItem(catalog_pb2.GetItemRequest(item_id=item_id),
+                                  timeout=self._timeout(timeout))
 
     def event_stream(self, max_inflight: int = 64,
                      on_ack: Callable[[events_pb2.IngestStreamResponse], None] | None = None

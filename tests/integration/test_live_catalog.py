@@ -22,6 +22,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from bench.services import start_process, stop
 from eventlog.cluster import free_port
+from freshrec.client import Client
 from index.build import build
 from index.catalog import CatalogSnapshot
 from index.snapshot import current_version
@@ -50,6 +51,7 @@ class Live:
     events: events_pb2_grpc.EventServiceStub
     workers: dict[str, ranking_pb2_grpc.RankingServiceStub]  # by server id
     procs: list
+    targets: tuple[str, str]  # the event service's and the ranking service's
 
 
 def _start_events(data_dir: Path, port: int = 0) -> tuple[object, int]:
@@ -67,7 +69,7 @@ def live(fresh_data_dir: Path) -> Iterator[Live]:
     running = Live(fresh_data_dir, catalog_pb2_grpc.ItemServiceStub(channel),
                    events_pb2_grpc.EventServiceStub(channel),
                    {w: ranking_pb2_grpc.RankingServiceStub(c[0]) for w, c in channels.items()},
-                   [ranking_proc, events_proc])
+                   [ranking_proc, events_proc], (f"127.0.0.1:{events_port}", f"127.0.0.1:{port}"))
     try:
         yield running
     finally:
@@ -203,9 +205,12 @@ def test_a_take_down_is_honoured_by_every_rpc_of_every_worker(
 
 def test_an_item_is_served_only_inside_its_window(live: Live) -> None:
     now = time.time()
-    live.items.PutItems(catalog_pb2.PutItemsRequest(items=[
-        _item("tonight", available_from=now + 1.5), _item("gone", available_until=now - 60),
-        _item("now", available_from=now - 60, available_until=now + 3600)]))
+    with Client(*live.targets) as client:  # the package's client, as an admin tool uses it
+        put = client.put_items([
+            _item("tonight", available_from=now + 1.5), _item("gone", available_until=now - 60),
+            _item("now", available_from=now - 60, available_until=now + 3600)])
+        assert put.added == 3
+        assert not client.get_item("gone").available and client.get_item("now").available
     stub = next(iter(live.workers.values()))
     _within(VISIBLE_S, lambda: "now" in _home_ids(stub, "u2", "new_releases"))
     assert not {"tonight", "gone"} & set(_home_ids(stub, "u2", "new_releases"))

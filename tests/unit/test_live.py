@@ -1,0 +1,208 @@
+"""The live catalog's domain: checks, codecs, the content start, the item-side fold-in, the
+store writes and the change feed, and the segment a ranking worker serves."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from index.catalog import CatalogSnapshot
+from index.errors import InvalidArgument
+from index.filters import ItemFilter, unpack
+from index.live import (
+    CatalogItem,
+    ItemStats,
+    LiveItem,
+    LiveSegment,
+    catalog_version,
+    changed_since,
+    check_ids,
+    check_items,
+    learn,
+    learned_vector,
+    prune_changes,
+    put_items,
+    read_items,
+    refold_items,
+    start_vector,
+    take_down,
+    taken_in,
+)
+from index.ranking import LiveCatalog
+from index.store import UserStore
+from tests.conftest import record_of
+
+ITEM = CatalogItem("new-1", "A premiere", ("genre-00", "genre-03"), 2026)
+
+
+@pytest.mark.parametrize("bad", [
+    replace(ITEM, item_id=""), replace(ITEM, item_id="x" * 129), replace(ITEM, item_id="a\tb"),
+    replace(ITEM, title=""), replace(ITEM, title="a\nb"), replace(ITEM, title="t" * 501),
+    replace(ITEM, year=-1), replace(ITEM, year=1799), replace(ITEM, year=2201),
+    replace(ITEM, genres=("",)), replace(ITEM, genres=("a|b",)), replace(ITEM, genres=("g", "g")),
+    replace(ITEM, genres=tuple(f"g{n}" for n in range(33))),
+    replace(ITEM, available_from=math.nan), replace(ITEM, available_until=-1.0),
+    replace(ITEM, available_from=20.0, available_until=10.0),
+])
+def test_a_bad_item_refuses_the_request_naming_it(bad: CatalogItem) -> None:
+    with pytest.raises(InvalidArgument, match=r"items\[1\]"):
+        check_items([ITEM, bad], 128)
+
+
+def test_counts_and_duplicates_are_checked() -> None:
+    check_items([ITEM, replace(ITEM, item_id="new-2", year=0, genres=())], 128)
+    for items in ([], [ITEM] * 2, [replace(ITEM, item_id=f"x{n}") for n in range(1001)]):
+        with pytest.raises(InvalidArgument):
+            check_items(items, 128)
+    for ids in ([], ["a", "a"], [""], ["x" * 129]):
+        with pytest.raises(InvalidArgument):
+            check_ids(ids, 128)
+
+
+def test_codecs_round_trip() -> None:
+    live = LiveItem(replace(ITEM, available_from=5.5), 12.25, True, "m1",
+                    np.arange(4, dtype=np.float32), 3)
+    back = LiveItem.decode(ITEM.item_id, live.encode())
+    assert back.item == live.item and (back.put_at, back.taken_down) == (12.25, True)
+    assert back.model_version == "m1" and back.learned_plays == 3
+    assert back.vector.tolist() == [0, 1, 2, 3]
+    stats = ItemStats.empty("m1", 3).played(np.array([1.0, 2, 3]), 0.5, True)
+    again = ItemStats.decode(stats.encode(), 3)
+    assert again.model_version == "m1" and again.viewers == 1
+    for name in ("outer", "upper", "linear", "weighted"):
+        assert np.array_equal(getattr(again, name), getattr(stats, name))
+    with pytest.raises(ValueError):
+        ItemStats.decode(stats.encode(), 4)
+
+
+def test_the_start_is_the_mean_of_its_genres_means(catalog: CatalogSnapshot) -> None:
+    factors = np.asarray(catalog.item_factors, np.float64)
+    means = [factors[[r for r in range(len(catalog)) if g in catalog.genres_of(r)]].mean(axis=0)
+             for g in ITEM.genres]
+    assert np.allclose(start_vector(catalog, ITEM.genres), np.mean(means, axis=0), atol=1e-6)
+    assert np.allclose(start_vector(catalog, ("no-such",)), factors.mean(axis=0), atol=1e-6)
+
+
+def test_the_item_fold_in_is_the_als_solution_over_the_viewers(catalog: CatalogSnapshot) -> None:
+    rng = np.random.default_rng(1)
+    viewers = rng.normal(size=(4, catalog.dim))
+    weights = [1.0, 0.5, 2.0, 0.25]
+    stats = ItemStats.empty(catalog.model_version, catalog.dim)
+    for x, w in zip(viewers, weights, strict=True):
+        stats = stats.played(x, w, True)
+    stats = stats.played(viewers[0], 1.0, False)  # a second play by the first viewer
+    als = catalog.manifest.als
+    c = 1 + float(als["alpha"]) * np.array([2.0, 0.5, 2.0, 0.25])
+    system = float(als["regularization"]) * np.eye(catalog.dim) + (viewers.T * c) @ viewers
+    want = np.linalg.solve(system, viewers.T @ c)
+    assert np.allclose(learned_vector(catalog, stats), want, rtol=1e-4, atol=1e-5)
+    assert learned_vector(catalog, ItemStats.empty("m", catalog.dim)) is None
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> UserStore:
+    return UserStore(tmp_path / "users.lmdb")
+
+
+def test_puts_take_downs_and_the_change_feed(store: UserStore, catalog: CatalogSnapshot) -> None:
+    snapshot_id = catalog.item_ids[7]
+    written = store.transact(lambda w: put_items(
+        w, catalog, [ITEM, CatalogItem(snapshot_id, "x", (), 0, 0.0, 99.0)], 10.0))
+    assert (written.added, written.updated, written.catalog_version) == (1, 1, 2)
+    items = read_items(store)
+    assert np.allclose(items["new-1"].vector, start_vector(catalog, ITEM.genres))
+    assert items["new-1"].model_version == catalog.model_version
+    assert not len(items[snapshot_id].vector)  # a snapshot item's factor is the snapshot's
+    down = store.transact(lambda w: take_down(w, catalog, ["new-1", catalog.item_ids[3], "no"],
+                                              11.0))
+    assert (down.taken_down, down.unknown, down.catalog_version) == (2, ("no",), 4)
+    assert read_items(store)[catalog.item_ids[3]].taken_down
+    assert changed_since(store, 0) == (4, ["new-1", snapshot_id, catalog.item_ids[3]])
+    assert changed_since(store, 4) == (4, [])
+    store.transact(lambda w: prune_changes(w, keep=1))
+    assert changed_since(store, 1) is None  # the feed no longer reaches back: read all
+    assert changed_since(store, 3) == (4, [catalog.item_ids[3]])
+    again = store.transact(lambda w: put_items(w, catalog, [ITEM], 12.0))
+    assert again.updated == 1 and not read_items(store)["new-1"].taken_down
+    assert catalog_version(store) == 5
+
+
+def test_plays_teach_live_items_and_are_kept_for_the_build(store: UserStore,
+                                                           catalog: CatalogSnapshot) -> None:
+    store.transact(lambda w: put_items(w, catalog, [ITEM], 1.0))
+    fan = replace(record_of(catalog, [(catalog.item_ids[0], 1.0, 0.0)], "fan"),
+                  vector=np.ones(catalog.dim, np.float32), model_version=catalog.model_version)
+    vectorless = record_of(catalog, [], "new-user")
+    plays = {"fan": [("new-1", 1.0, 5.0), (catalog.item_ids[1], 1.0, 5.0)],
+             "new-user": [("new-1", 0.5, 6.0)], "absent": [("new-1", 1.0, 7.0)]}
+    changed = store.transact(lambda w: learn(w, catalog, plays,
+                                             {"fan": fan, "new-user": vectorless}))
+    assert changed == ["new-1"]
+    live = read_items(store)["new-1"]
+    stats = ItemStats.empty(catalog.model_version, catalog.dim).played(fan.vector, 1.0, True)
+    assert live.learned_plays == 1
+    assert np.allclose(live.vector, learned_vector(catalog, stats), atol=1e-6)
+    items, taken = taken_in(store, set(catalog.item_ids))
+    assert [i.item_id for i in items] == ["new-1"]
+    assert sorted(taken) == [("absent", "new-1", 1.0, 7.0), ("fan", "new-1", 1.0, 5.0),
+                             ("new-user", "new-1", 0.5, 6.0)]
+    assert taken_in(store, {*catalog.item_ids, "new-1"}) == ([], [])
+
+
+def test_a_model_change_refolds_live_items_from_their_viewers(
+        store: UserStore, catalog: CatalogSnapshot) -> None:
+    store.transact(lambda w: put_items(w, catalog, [ITEM], 1.0))
+    fan = replace(record_of(catalog, [(catalog.item_ids[0], 1.0, 0.0)], "fan"),
+                  vector=np.ones(catalog.dim, np.float32), model_version=catalog.model_version)
+    store.transact(lambda w: w.put_user(fan))
+    store.transact(lambda w: learn(w, catalog, {"fan": [("new-1", 1.0, 5.0)]}, {"fan": fan}))
+    learned = read_items(store)["new-1"].vector.copy()
+    # Stored under another model: the re-fold recomputes it from the viewer's vector.
+    store.transact(lambda w: w.put_raw("live_items", b"new-1", replace(
+        read_items(store)["new-1"], model_version="old", vector=np.zeros(3, np.float32))
+        .encode()))
+    assert store.transact(lambda w: refold_items(w, catalog)) == 1
+    again = read_items(store)["new-1"]
+    assert again.model_version == catalog.model_version and again.learned_plays == 1
+    assert np.allclose(again.vector, learned, atol=1e-5)
+    assert store.transact(lambda w: refold_items(w, catalog)) == 0  # nothing stale now
+
+
+def test_the_segment_serves_what_is_servable_now(catalog: CatalogSnapshot) -> None:
+    n = len(catalog)
+    items = {
+        "a": LiveItem(replace(ITEM, item_id="a"), 3.0, model_version=catalog.model_version,
+                      vector=np.full(catalog.dim, 2.0, np.float32)),
+        "b": LiveItem(replace(ITEM, item_id="b", genres=("only-live",), year=1990), 1.0,
+                      model_version="another", vector=np.ones(2, np.float32)),
+        "later": LiveItem(replace(ITEM, item_id="later", available_from=200.0), 1.0),
+        "down": LiveItem(replace(ITEM, item_id="down"), 1.0, taken_down=True),
+        catalog.item_ids[5]: LiveItem(CatalogItem(catalog.item_ids[5], "t"), 1.0,
+                                      taken_down=True),
+        catalog.item_ids[6]: LiveItem(CatalogItem(catalog.item_ids[6], "t",
+                                                  available_until=50.0), 1.0),
+    }
+    segment = LiveSegment.of(items, catalog, 100.0, 9)
+    assert segment.item_ids == ("b", "a")  # in the order put
+    assert segment.offset == -(-n // 8) * 8 and segment.rows["a"] == segment.offset + 1
+    assert segment.blocked.tolist() == sorted([5, 6]) and segment.next_change == 200.0
+    assert np.allclose(segment.vectors[0], start_vector(catalog, ("only-live",)))  # other model
+    live = LiveCatalog.of(catalog, segment, {"a": 4.0}, 0.5)
+    assert live.row_of(catalog.item_ids[5]) is None and live.row_of("down") is None
+    assert live.row_of("a") == segment.offset + 1 and live.row_of(catalog.item_ids[1]) == 1
+    every = unpack(live.every(), segment.offset + len(segment))
+    assert not every[[5, 6]].any() and every[[0, 1, 7]].all()
+    assert not every[n:segment.offset].any() and every[segment.offset:].all()
+    by_genre = live.allowed(ItemFilter(genres_any=("only-live",)))
+    assert by_genre is not None
+    allowed = unpack(by_genre, segment.offset + len(segment))
+    assert np.flatnonzero(allowed).tolist() == [segment.offset]  # "b" alone
+    recent = unpack(live.allowed(ItemFilter(min_year=2000)), segment.offset + 2)  # type: ignore[arg-type]
+    assert recent[segment.offset + 1] and not recent[segment.offset]
+    assert live.live_popular[1] > 0 and live.live_popular[0] == 0
+    assert LiveCatalog.of(catalog, LiveSegment.empty(catalog), {}, 0.5).allowed(
+        ItemFilter()) is None
