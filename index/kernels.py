@@ -98,9 +98,10 @@ def _score(factors: np.ndarray, live: np.ndarray, offset: int, row: np.int64,
 @numba.njit(cache=True, nogil=True)
 def live_top(vectors: np.ndarray, bitmap: np.ndarray, first_byte: int, vector: np.ndarray,
              k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The exact top k of the live segment's `vectors` for `vector`, among the rows the
-    bitmap allows (live row i is bit i of the bitmap from byte `first_byte` on; an empty
-    bitmap allows all): their positions and scores, best first (ties: the earlier)."""
+    """The top k of the live segment's `vectors` (float32, or int8 codes) by the inner
+    product with `vector`, among the rows the bitmap allows (live row i is bit i of the
+    bitmap from byte `first_byte` on; an empty bitmap allows all): their positions and
+    scores, best first (ties: the earlier)."""
     m = vectors.shape[0]
     best = np.empty(k, np.int64)
     best_scores = np.empty(k, np.float32)
@@ -200,3 +201,4 @@ def warm_up() -> None:
     blend_top(found, sums, anchors, np.zeros(0, np.uint8), 1, np.zeros(0, np.int64),
               factors, factors, 8, vector, 0.5, 1)
     live_top(factors, np.zeros(0, np.uint8), 0, vector, 1)
+    live_top(readonly(np.zeros((2, 1), np.int8)), np.zeros(0, np.uint8), 0, vector, 1)

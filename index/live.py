@@ -40,6 +40,7 @@ from index.errors import InvalidArgument
 from index.history import Play
 from index.kernels import readonly
 from index.model import solve_stats
+from index.neighbours import Candidates
 from index.store import StoreWriter, UserStore
 from index.user_record import UserRecord
 
@@ -151,9 +152,14 @@ class LiveItem:
     item: CatalogItem
     put_at: float
     taken_down: bool = False
-    model_version: str = ""  # of `vector` ("" : none)
+    model_version: str = ""  # of `vector` and `co_rows` ("" : none)
     vector: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     learned_plays: int = 0  # plays the vector has learned from (0: the content start)
+    viewers: int = 0  # distinct users who played it (of `co_rows`' model)
+    # Co-visitation: the snapshot rows its viewers played near it (as the batch build's
+    # neighbours count them: within the neighbours' window), and by how many viewers.
+    co_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    co_counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
 
     def servable(self, now: float) -> bool:
         """Not taken down and inside its window."""
@@ -165,10 +171,13 @@ class LiveItem:
         meta = json.dumps({"title": item.title, "genres": list(item.genres), "year": item.year,
                            "from": item.available_from, "until": item.available_until,
                            "put_at": self.put_at, "taken_down": self.taken_down,
-                           "model": self.model_version, "plays": self.learned_plays},
-                          separators=(",", ":")).encode("utf-8")
-        return _HEADER.pack(_ITEM_FORMAT, len(meta)) + meta + \
-            np.ascontiguousarray(self.vector, np.float32).tobytes()
+                           "model": self.model_version, "plays": self.learned_plays,
+                           "viewers": self.viewers, "dim": len(self.vector),
+                           "co": len(self.co_rows)}, separators=(",", ":")).encode("utf-8")
+        return _HEADER.pack(_ITEM_FORMAT, len(meta)) + meta + b"".join(
+            np.ascontiguousarray(a, t).tobytes() for a, t in (
+                (self.vector, np.float32), (self.co_rows, np.int32),
+                (self.co_counts, np.float32)))
 
     @staticmethod
     def decode(item_id: str, raw: bytes) -> LiveItem:
@@ -177,11 +186,32 @@ class LiveItem:
         if form != _ITEM_FORMAT:
             raise ValueError(f"live item {item_id!r}: unknown format {form}")
         meta = json.loads(raw[_HEADER.size:_HEADER.size + length])
-        vector = np.frombuffer(raw, np.float32, offset=_HEADER.size + length)
+        at, dim, co = _HEADER.size + length, meta["dim"], meta["co"]
+        vector = np.frombuffer(raw, np.float32, dim, at)
+        co_rows = np.frombuffer(raw, np.int32, co, at + 4 * dim)
+        co_counts = np.frombuffer(raw, np.float32, co, at + 4 * (dim + co))
         item = CatalogItem(item_id, meta["title"], tuple(meta["genres"]), meta["year"],
                            meta["from"], meta["until"])
         return LiveItem(item, meta["put_at"], meta["taken_down"], meta["model"], vector,
-                        meta["plays"])
+                        meta["plays"], meta["viewers"], co_rows, co_counts)
+
+    def under(self, catalog: CatalogSnapshot) -> LiveItem:
+        """Itself if its vector and co-visits are of this model; else a fresh start in it
+        (the re-fold after a model change recomputes them from the viewers)."""
+        if self.model_version == catalog.model_version:
+            return self
+        return replace(self, model_version=catalog.model_version,
+                       vector=start_vector(catalog, self.item.genres), learned_plays=0,
+                       viewers=0, co_rows=np.zeros(0, np.int32),
+                       co_counts=np.zeros(0, np.float32))
+
+    def co_visited(self, rows: np.ndarray) -> LiveItem:
+        """With one more viewer, who played `rows` (snapshot rows) near it."""
+        every = np.concatenate([self.co_rows, np.asarray(rows, np.int32)])
+        weight = np.concatenate([self.co_counts, np.ones(len(rows), np.float32)])
+        unique, at = np.unique(every, return_inverse=True)
+        return replace(self, viewers=self.viewers + 1, co_rows=unique.astype(np.int32),
+                       co_counts=np.bincount(at, weight, len(unique)).astype(np.float32))
 
 
 @dataclass(frozen=True)
@@ -351,11 +381,22 @@ def _stats(writer: StoreWriter, catalog: CatalogSnapshot, item_id: str) -> ItemS
     return stats
 
 
+def near_plays(catalog: CatalogSnapshot, record: UserRecord) -> np.ndarray:
+    """The snapshot rows a play made now pairs with in the co-visitation count: the user's
+    latest distinct plays, as many as the neighbours' window lets through (0: all)."""
+    window = int(catalog.manifest.neighbours.get("window", 0))
+    fitted = catalog.fit(record)
+    known = np.flatnonzero(fitted.rows >= 0)
+    latest = known[np.argsort(-fitted.last_at[known], kind="stable")]
+    return fitted.rows[latest[:window + 1] if window else latest].astype(np.int32)
+
+
 def learn(writer: StoreWriter, catalog: CatalogSnapshot, plays: Mapping[str, list[Play]],
           records: Mapping[str, UserRecord]) -> list[str]:
-    """Keep the plays of live items (for the re-fold and the next build) and fold them into
-    the items' vectors, with each viewer's vector as just written (a viewer without one of
-    this model teaches nothing yet); the items changed."""
+    """Keep the plays of live items (for the re-fold and the next build), count their
+    co-visits, and fold them into the items' vectors with each viewer's vector as just
+    written (a viewer without one of this model teaches the vector nothing yet); the items
+    changed."""
     changed: dict[str, LiveItem] = {}
     for user_id, user_plays in plays.items():
         record = records.get(user_id)
@@ -367,19 +408,22 @@ def learn(writer: StoreWriter, catalog: CatalogSnapshot, plays: Mapping[str, lis
             live = changed.get(item_id) or _get(writer, item_id)
             if live is None:
                 continue
+            live = live.under(catalog)
             key = _plays_key(item_id, user_id)
             before = writer.get_raw("item_plays", key)
             total, last = (0.0, at) if before is None else _PLAYS.unpack(before)
             writer.put_raw("item_plays", key, _PLAYS.pack(total + weight, max(at, last)))
-            if not teaches:
-                continue
-            assert record is not None
-            stats = _stats(writer, catalog, item_id).played(record.vector, weight, before is None)
-            writer.put_raw("item_stats", item_id.encode("utf-8"), stats.encode())
-            vector = learned_vector(catalog, stats)
-            assert vector is not None  # it has a viewer now
-            changed[item_id] = replace(live, model_version=catalog.model_version,
-                                       vector=vector, learned_plays=live.learned_plays + 1)
+            if before is None and record is not None:
+                live = live.co_visited(near_plays(catalog, record))
+            if teaches:
+                assert record is not None
+                stats = _stats(writer, catalog, item_id).played(record.vector, weight,
+                                                                before is None)
+                writer.put_raw("item_stats", item_id.encode("utf-8"), stats.encode())
+                vector = learned_vector(catalog, stats)
+                assert vector is not None  # it has a viewer now
+                live = replace(live, vector=vector, learned_plays=live.learned_plays + 1)
+            changed[item_id] = live
     for live in changed.values():
         _put(writer, live)
     if changed:
@@ -389,8 +433,9 @@ def learn(writer: StoreWriter, catalog: CatalogSnapshot, plays: Mapping[str, lis
 
 def refold_items(writer: StoreWriter, catalog: CatalogSnapshot) -> int:
     """Recompute every live item under this model (after a model change, once the users
-    are re-folded): from its viewers' current vectors, else the content start. Items the
-    snapshot now has drop their statistics. How many items were recomputed."""
+    are re-folded): its vector from its viewers' current vectors (none: the content
+    start), its co-visits from their histories. Items the snapshot now has drop their
+    statistics and plays. How many items were recomputed."""
     redone = []
     for key, raw in list(writer.scan("live_items")):
         item_id = key.decode("utf-8")
@@ -403,17 +448,21 @@ def refold_items(writer: StoreWriter, catalog: CatalogSnapshot) -> int:
             continue
         if live.model_version == catalog.model_version:
             continue
+        live = live.under(catalog)
         stats = ItemStats.empty(catalog.model_version, catalog.dim)
-        for plays_key, weight in viewers:
+        for plays_key, raw_plays in viewers:
             record = writer.get_user(plays_key[len(key) + 1:].decode("utf-8"))
-            if record is not None and record.model_version == catalog.model_version \
-                    and len(record.vector) == catalog.dim:
-                stats = stats.played(record.vector, _PLAYS.unpack(weight)[0], True)
+            if record is None:
+                continue
+            live = live.co_visited(near_plays(catalog, record))
+            if record.model_version == catalog.model_version and \
+                    len(record.vector) == catalog.dim:
+                stats = stats.played(record.vector, _PLAYS.unpack(raw_plays)[0], True)
         writer.put_raw("item_stats", key, stats.encode())
         vector = learned_vector(catalog, stats)
-        _put(writer, replace(live, model_version=catalog.model_version,
-                             vector=start_vector(catalog, live.item.genres) if vector is None
-                             else vector, learned_plays=stats.viewers if vector is not None else 0))
+        if vector is not None:
+            live = replace(live, vector=vector, learned_plays=stats.viewers)
+        _put(writer, live)
         redone.append(item_id)
     if redone:
         _bump(writer, redone)
@@ -486,7 +535,8 @@ class LiveSegment:
     """The live items a ranking worker searches beside the snapshot's index, and the
     snapshot rows it must not serve. Live item i is row `offset + i` of the catalog's rows
     (the snapshot's item count rounded up to a byte, so one bitmap covers both parts), in
-    the order put (oldest first)."""
+    the order put (oldest first). The search scans 8-bit codes of the vectors (a quarter
+    of the bytes: the scan is bound by memory) and re-scores the best exactly."""
 
     version: int
     offset: int
@@ -494,11 +544,18 @@ class LiveSegment:
     items: tuple[CatalogItem, ...]
     years: np.ndarray  # int64 (m,)
     vectors: np.ndarray  # float32 (m, d), read-only
+    codes: np.ndarray  # int8 (m, d), read-only: vectors / scale, rounded (the scan reads these)
+    scale: np.ndarray  # float32 (d,), read-only: per dimension, max |vector| / 127
     put_at: np.ndarray  # float64 (m,)
     genre_rows: dict[str, np.ndarray]  # genre -> bool (m,)
     rows: dict[str, int]  # live item id -> its row
     blocked: np.ndarray  # int64 snapshot rows not servable now (taken down, window shut)
     next_change: float  # when an availability window opens or closes next
+    # The live items as co-visitation neighbours of snapshot rows, sorted by the snapshot
+    # row: (snapshot row, live row, cosine), the batch build's score over the viewers so far.
+    co_from: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    co_to: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    co_score: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     def __len__(self) -> int:
         return len(self.item_ids)
@@ -530,11 +587,35 @@ class LiveSegment:
             for genre in item.item.genres:
                 genres.setdefault(genre, np.zeros(len(live), bool))[i] = True
         ids = tuple(i.item.item_id for i in live)
+        co = _co_visits(live, catalog, offset)
+        scale = np.maximum(np.abs(vectors).max(axis=0, initial=0.0), 1e-30) / 127
+        codes = np.clip(np.rint(vectors / scale), -127, 127).astype(np.int8)
         return LiveSegment(version, offset, ids, tuple(i.item for i in live),
                            np.array([i.item.year for i in live], np.int64), readonly(vectors),
+                           readonly(codes), readonly(scale.astype(np.float32)),
                            np.array([i.put_at for i in live], np.float64), genres,
                            {item_id: offset + i for i, item_id in enumerate(ids)},
-                           np.array(sorted(blocked), np.int64), next_change)
+                           np.array(sorted(blocked), np.int64), next_change, *co)
+
+    def reach(self, played: np.ndarray, weights: np.ndarray) -> Candidates:
+        """The live items the played snapshot rows reach as co-visitation neighbours, as
+        `index.neighbours.candidates` scores the snapshot's: the weighted sum of their
+        similarities, the play that contributed most (ties: the earlier) as the anchor."""
+        if not len(self.co_from) or not len(played):
+            return Candidates.empty()
+        low = np.searchsorted(self.co_from, played, "left")
+        high = np.searchsorted(self.co_from, played, "right")
+        sums: dict[int, float] = {}
+        best: dict[int, tuple[float, int]] = {}
+        for i in np.flatnonzero(high > low).tolist():
+            for at in range(low[i], high[i]):
+                row, part = int(self.co_to[at]), float(weights[i] * self.co_score[at])
+                sums[row] = sums.get(row, 0.0) + part
+                if row not in best or part > best[row][0]:
+                    best[row] = part, int(played[i])
+        rows = list(sums)
+        return Candidates(np.array(rows, np.int64), np.array([sums[r] for r in rows]),
+                          np.array([best[r][1] for r in rows], np.int64))
 
     @staticmethod
     def empty(catalog: CatalogSnapshot) -> LiveSegment:
@@ -558,3 +639,24 @@ class LiveSegment:
             allowed &= self.years <= spec.max_year
         return allowed
 
+
+def _co_visits(live: Sequence[LiveItem], catalog: CatalogSnapshot,
+               offset: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The segment's reverse co-visitation index: for each live item of this model, its
+    `k` best snapshot rows (the snapshot neighbours' k) by ``c / sqrt(n_row * viewers)``
+    (n_row: the row's batch plays)."""
+    k = int(catalog.manifest.neighbours.get("k", 0))
+    parts = []
+    for i, item in enumerate(live):
+        if not k or item.model_version != catalog.model_version or not item.viewers:
+            continue
+        seen = np.maximum(catalog.popularity[item.co_rows].astype(np.float64), item.co_counts)
+        score = np.minimum(item.co_counts / np.sqrt(seen * item.viewers), 1.0)
+        top = np.argsort(-score, kind="stable")[:k]
+        parts.append((item.co_rows[top].astype(np.int64), np.full(len(top), offset + i),
+                      score[top]))
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+    sources, targets, scores = (np.concatenate(p) for p in zip(*parts, strict=True))
+    order = np.argsort(sources, kind="stable")
+    return sources[order], targets[order], scores[order]

@@ -121,7 +121,7 @@ class LiveCatalog:
     catalog: CatalogSnapshot
     filters: CatalogFilters
     segment: LiveSegment
-    open: np.ndarray  # the snapshot rows servable now (bitmap over n)
+    servable: np.ndarray  # the rows servable now, both parts (read-only: copy to change)
     counts: dict[str, float] = field(default_factory=dict)  # recent plays per item id
     trending: np.ndarray = field(default_factory=lambda: np.zeros(0))  # recent counts per row
     trending_order: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -139,13 +139,13 @@ class LiveCatalog:
         _ = catalog.fold_in.gram  # pay for YtY at load, not on the first request
         warm_up()
         filters = CatalogFilters(catalog)
-        live = LiveCatalog(catalog, filters, segment, _open(filters, segment))
+        live = LiveCatalog(catalog, filters, segment, _servable(filters, segment))
         live.set_trending(counts, blend)
         return live
 
     def with_segment(self, segment: LiveSegment, blend: float) -> LiveCatalog:
         """This catalog with another live segment (of the same snapshot)."""
-        live = replace(self, segment=segment, open=_open(self.filters, segment))
+        live = replace(self, segment=segment, servable=_servable(self.filters, segment))
         live.set_trending(self.counts, blend)
         return live
 
@@ -180,19 +180,14 @@ class LiveCatalog:
         allowed (FilterError for a genre neither part has, or a bad year range)."""
         segment = self.segment
         snapshot = self.filters.bitmap(spec, known=segment.genre_rows)
-        if snapshot is None and not len(segment.blocked):
-            return None  # an empty filter, and nothing blocked
-        snapshot = self.open.copy() if snapshot is None else snapshot & self.open
-        return self._joined(snapshot, segment.allows(spec)) if len(segment) else snapshot
+        if snapshot is None:  # an empty filter: every servable row
+            return self.every() if len(segment.blocked) else None
+        snapshot &= self.servable[:len(snapshot)]
+        return _joined(snapshot, segment, segment.allows(spec)) if len(segment) else snapshot
 
     def every(self) -> np.ndarray:
         """A fresh bitmap of every servable row."""
-        return self._joined(self.open.copy(), np.ones(len(self.segment), bool)) \
-            if len(self.segment) else self.open.copy()
-
-    def _joined(self, snapshot: np.ndarray, live: np.ndarray) -> np.ndarray:
-        padding = self.segment.offset // 8 - len(snapshot)
-        return np.concatenate([snapshot, np.zeros(padding, np.uint8), pack(live)])
+        return self.servable.copy()
 
     def snapshot_part(self, allowed: np.ndarray | None) -> np.ndarray:
         """A copy of the bitmap with the live rows cleared."""
@@ -205,7 +200,7 @@ class LiveCatalog:
         row = self.catalog.item_index.get(item_id)
         if row is None:
             return self.segment.rows.get(item_id)
-        return row if allows_rows(self.open, np.array([row]))[0] else None
+        return row if allows_rows(self.servable, np.array([row]))[0] else None
 
     def live_rows(self, item_ids: Sequence[str]) -> list[int]:
         """The rows of those of the items that are live."""
@@ -230,11 +225,20 @@ class LiveCatalog:
         return snapshot_item(self.catalog, row)
 
 
-def _open(filters: CatalogFilters, segment: LiveSegment) -> np.ndarray:
-    """The snapshot rows the segment does not block."""
-    servable = filters.all.copy()
-    clear(servable, segment.blocked)
+def _servable(filters: CatalogFilters, segment: LiveSegment) -> np.ndarray:
+    """The snapshot rows the segment does not block, and its own."""
+    snapshot = filters.all.copy()
+    clear(snapshot, segment.blocked)
+    servable = _joined(snapshot, segment, np.ones(len(segment), bool)) if len(segment) \
+        else snapshot
+    servable.flags.writeable = False
     return servable
+
+
+def _joined(snapshot: np.ndarray, segment: LiveSegment, live: np.ndarray) -> np.ndarray:
+    """One bitmap of a snapshot part and the live items' (packed from `segment.offset`)."""
+    padding = segment.offset // 8 - len(snapshot)
+    return np.concatenate([snapshot, np.zeros(padding, np.uint8), pack(live)])
 
 
 class Ranker:
@@ -405,10 +409,10 @@ class Ranker:
         played, weights = recent_plays(record.rows, record.last_at, self.config.recent_plays,
                                        self.config.recent_half_life_plays)
         if len(live.segment.blocked):
-            servable = allows_rows(live.open, played)
+            servable = allows_rows(live.servable, played)
             played, weights = played[servable], weights[servable]
         return Query.of(catalog.neighbours, vector, played, weights,
-                        retrieval or self.config.retrieval)
+                        retrieval or self.config.retrieval, segment=live.segment)
 
     def _item_query(self, live: LiveCatalog, row: int, retrieval: str | None,
                     reason: str = LIKE) -> Query:
@@ -417,7 +421,7 @@ class Ranker:
         neighbours = live.catalog.neighbours if row < len(live.catalog) else None
         return Query.of(neighbours, live.vectors(np.array([row]))[0].astype(np.float32),
                         np.array([row], np.int64), np.ones(1),
-                        retrieval or self.config.retrieval, reason)
+                        retrieval or self.config.retrieval, reason, live.segment)
 
     @staticmethod
     def _vector(catalog: CatalogSnapshot, record: UserRecord | None) -> np.ndarray | None:

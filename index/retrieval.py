@@ -18,6 +18,7 @@ from index.kernels import blend_top, live_top, readonly
 from index.neighbours import Candidates, Neighbours, candidates
 
 if TYPE_CHECKING:
+    from index.live import LiveSegment
     from index.ranking import LiveCatalog
 
 BLEND, VECTOR, NEIGHBOURS = "blend", "vector", "neighbours"
@@ -26,6 +27,7 @@ RETRIEVALS = (BLEND, VECTOR, NEIGHBOURS)
 TASTE, WATCHED, LIKE = "taste", "similar_to_watched", "similar_to_item"
 POPULAR, TRENDING, NEW = "popular", "trending", "new_release"
 _POPULAR_BLOCK = 4096
+LIVE_CANDIDATES = 4  # live items taken per item wanted by their codes, then re-scored
 _EVERY_ROW = np.zeros(0, np.uint8)  # blend_top's empty bitmap: no restriction
 _NO_VECTOR = readonly(np.zeros(0, np.float32))  # a query without one (weight 1: unused)
 
@@ -62,10 +64,18 @@ class Query:
 
     @staticmethod
     def of(table: Neighbours | None, vector: np.ndarray | None, played: np.ndarray,
-           weights: np.ndarray, retrieval: str, anchored: str | None = None) -> Query:
-        """A query whose played items, weighted, reach their neighbours in `table`."""
-        reached = candidates(table, played, weights) \
-            if table is not None and retrieval != VECTOR else Candidates.empty()
+           weights: np.ndarray, retrieval: str, anchored: str | None = None,
+           segment: LiveSegment | None = None) -> Query:
+        """A query whose played items, weighted, reach their neighbours in `table` (and the
+        live items they are co-visited with, in `segment`)."""
+        reached = Candidates.empty()
+        if table is not None and retrieval != VECTOR:
+            reached = candidates(table, played, weights)
+            if segment is not None and len(segment.co_from):
+                live = segment.reach(played, weights)
+                reached = Candidates(*(np.concatenate([a, b]) for a, b in zip(
+                    (reached.rows, reached.scores, reached.anchors),
+                    (live.rows, live.scores, live.anchors), strict=True)))
         return Query(vector=vector, played=played, reached=reached, retrieval=retrieval,
                      anchored=anchored)
 
@@ -152,11 +162,16 @@ class Retriever:
 
     def _live(self, vector: np.ndarray, k: int,
               allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """The live segment's exact top k rows the bitmap allows, and their scores."""
+        """The live segment's top k rows the bitmap allows, and their exact scores: the
+        best `LIVE_CANDIDATES` x k by the 8-bit codes, re-scored with the vectors."""
         segment = self.live.segment
-        found, scores = live_top(segment.vectors, _EVERY_ROW if allowed is None else allowed,
-                                 segment.offset // 8, _query_vector(vector), k)
-        return found + segment.offset, scores
+        query = _query_vector(vector)
+        found, _ = live_top(segment.codes, _EVERY_ROW if allowed is None else allowed,
+                            segment.offset // 8, readonly(query * segment.scale),
+                            LIVE_CANDIDATES * k)
+        scores = segment.vectors[found] @ query
+        order = np.argsort(-scores, kind="stable")[:k]
+        return found[order] + segment.offset, scores[order]
 
     def new_releases(self, query: Query | None, k: int, allowed: np.ndarray) -> list[Scored]:
         """Up to k of the live items the bitmap allows: by the query's vector, else the

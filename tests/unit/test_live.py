@@ -12,7 +12,7 @@ import pytest
 
 from index.catalog import CatalogSnapshot
 from index.errors import InvalidArgument
-from index.filters import ItemFilter, unpack
+from index.filters import ItemFilter, clear, unpack
 from index.live import (
     CatalogItem,
     ItemStats,
@@ -32,7 +32,9 @@ from index.live import (
     take_down,
     taken_in,
 )
+from index.neighbours import Candidates
 from index.ranking import LiveCatalog
+from index.retrieval import Query, Retriever
 from index.store import UserStore
 from tests.conftest import record_of
 
@@ -65,11 +67,12 @@ def test_counts_and_duplicates_are_checked() -> None:
 
 def test_codecs_round_trip() -> None:
     live = LiveItem(replace(ITEM, available_from=5.5), 12.25, True, "m1",
-                    np.arange(4, dtype=np.float32), 3)
+                    np.arange(4, dtype=np.float32), 3).co_visited(np.array([5, 2, 5]))
     back = LiveItem.decode(ITEM.item_id, live.encode())
     assert back.item == live.item and (back.put_at, back.taken_down) == (12.25, True)
-    assert back.model_version == "m1" and back.learned_plays == 3
+    assert back.model_version == "m1" and back.learned_plays == 3 and back.viewers == 1
     assert back.vector.tolist() == [0, 1, 2, 3]
+    assert back.co_rows.tolist() == [2, 5] and back.co_counts.tolist() == [1.0, 2.0]
     stats = ItemStats.empty("m1", 3).played(np.array([1.0, 2, 3]), 0.5, True)
     again = ItemStats.decode(stats.encode(), 3)
     assert again.model_version == "m1" and again.viewers == 1
@@ -206,3 +209,49 @@ def test_the_segment_serves_what_is_servable_now(catalog: CatalogSnapshot) -> No
     assert live.live_popular[1] > 0 and live.live_popular[0] == 0
     assert LiveCatalog.of(catalog, LiveSegment.empty(catalog), {}, 0.5).allowed(
         ItemFilter()) is None
+
+
+def test_the_live_search_finds_the_exact_top_k_through_its_8_bit_codes(
+        catalog: CatalogSnapshot) -> None:
+    rng = np.random.default_rng(4)
+    vectors = rng.normal(size=(3000, catalog.dim)).astype(np.float32)
+    items = {f"l{n}": LiveItem(replace(ITEM, item_id=f"l{n}"), float(n),
+                               model_version=catalog.model_version, vector=vectors[n])
+             for n in range(len(vectors))}
+    segment = LiveSegment.of(items, catalog, 0.0, 1)
+    live = LiveCatalog.of(catalog, segment, {}, 0.5)
+    retrieve = Retriever(live=live, brute_force_below=0, blend_weight=0.5,
+                         neighbour_candidates=10)
+    allowed = live.every()
+    clear(allowed, [segment.offset + 7])  # a bitmap is honoured
+    found = exact = 0
+    for query in rng.normal(size=(50, catalog.dim)).astype(np.float32):
+        got = retrieve.new_releases(Query(vector=query, played=np.zeros(0, np.int64),
+                                          reached=Candidates.empty()), 10, allowed)
+        scores = vectors @ query
+        scores[7] = -np.inf
+        want = set((np.argsort(-scores)[:10] + segment.offset).tolist())
+        found += len(want & {s.row for s in got})
+        exact += all(abs(s.score - float(vectors[s.row - segment.offset] @ query)) < 1e-4
+                     for s in got)
+        assert segment.offset + 7 not in {s.row for s in got}
+    assert found / 500 >= 0.99 and exact == 50
+
+
+def test_live_items_are_co_visitation_neighbours_of_what_their_viewers_played(
+        store: UserStore, catalog: CatalogSnapshot) -> None:
+    store.transact(lambda w: put_items(w, catalog, [ITEM], 1.0))
+    window = int(catalog.manifest.neighbours["window"])
+    history = [(catalog.item_ids[r], 1.0, float(r)) for r in range(window + 5)]
+    fan = catalog.fit(record_of(catalog, history, "fan"))
+    store.transact(lambda w: learn(w, catalog, {"fan": [("new-1", 1.0, 99.0)]}, {"fan": fan}))
+    live = read_items(store)["new-1"]
+    # The latest window + 1 plays, as the batch build pairs them.
+    assert live.viewers == 1 and sorted(live.co_rows.tolist()) == list(range(4, window + 5))
+    segment = LiveSegment.of({"new-1": live}, catalog, 0.0, 1)
+    row = segment.rows["new-1"]
+    reached = segment.reach(np.array([10, 4, 0]), np.array([1.0, 0.5, 1.0]))
+    score = 1 / np.sqrt(catalog.popularity[[10, 4]].astype(np.float64))
+    assert reached.rows.tolist() == [row] and reached.anchors.tolist() == [10]
+    assert np.isclose(reached.scores[0], score[0] + 0.5 * score[1])
+    assert not len(segment.reach(np.array([0]), np.ones(1)).rows)
