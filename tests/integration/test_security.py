@@ -105,6 +105,26 @@ def test_event_writes_need_the_ingest_role(fresh_data_dir: Path, pki: Path) -> N
         running.close()
 
 
+def test_catalog_writes_need_the_admin_role(fresh_data_dir: Path, pki: Path) -> None:
+    running = RunningEvents(event_settings(fresh_data_dir, tokens_file=str(pki / "tokens")))
+    try:
+        items = catalog_pb2_grpc.ItemServiceStub(running.channel)
+        put = catalog_pb2.PutItemsRequest(items=[catalog_pb2.CatalogItem(item_id="n1",
+                                                                         title="New")])
+        down = catalog_pb2.TakeDownItemsRequest(item_ids=["i1"])
+        for role in ("viewer", "ingest"):
+            assert status_of(items.PutItems, put, metadata=_auth(role)) == \
+                grpc.StatusCode.PERMISSION_DENIED
+            assert status_of(items.TakeDownItems, down, metadata=_auth(role)) == \
+                grpc.StatusCode.PERMISSION_DENIED
+        assert status_of(items.PutItems, put) == grpc.StatusCode.UNAUTHENTICATED
+        assert status_of(items.PutItems, put, metadata=_auth("admin")) == grpc.StatusCode.OK
+        assert status_of(items.GetItem, catalog_pb2.GetItemRequest(item_id="n1"),
+                         metadata=_auth("viewer")) == grpc.StatusCode.OK
+    finally:
+        running.close()
+
+
 def test_mutual_tls_requires_a_client_certificate(fresh_data_dir: Path, pki: Path) -> None:
     running = RunningRanking(ranking_settings(
         fresh_data_dir, tls_cert=str(pki / "server.pem"), tls_key=str(pki / "server.key"),
