@@ -1,10 +1,13 @@
 """gRPC shell of the live catalog's writes (ItemService): puts and take-downs go through the
-event service's one writer, in its txns, and are acked once durable."""
+event service's one writer, in its txns, and are acked once durable; in log mode, into the
+log's catalog stream, from which every ranking host applies them."""
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -21,10 +24,14 @@ from index.live import (
     read_items,
     snapshot_item,
     take_down,
+    write_message,
 )
 from index.store import UserStore
 from recsys.v1 import catalog_pb2, catalog_pb2_grpc
 from rpc.errors import remaining
+
+if TYPE_CHECKING:  # imported when used: the embedded mode never imports NATS
+    from event_service.publisher import LogPublisher
 
 SERVICE = catalog_pb2.DESCRIPTOR.services_by_name["ItemService"].full_name
 POLICY = {f"/{SERVICE}/{method}": role for method, role in (
@@ -65,14 +72,16 @@ def to_message(item: CatalogItem) -> catalog_pb2.CatalogItem:
 class ItemServicer(catalog_pb2_grpc.ItemServiceServicer):
     """PutItems, TakeDownItems (admin) and GetItem."""
 
-    def __init__(self, writer: Writer | None, store: UserStore | None,
+    def __init__(self, writer: Writer | LogPublisher, store: UserStore | None,
                  max_id_length: int) -> None:
         self.writer, self.store, self.max_id_length = writer, store, max_id_length
 
-    def _write(self, write: CatalogWrite, context: grpc.ServicerContext) -> Written:
-        if self.writer is None:
-            raise FailedPrecondition("live catalog writes need the embedded event service "
-                                     "(log mode: not supported yet)")
+    def _write(self, write: CatalogWrite, message: Callable[[], bytes],
+               context: grpc.ServicerContext) -> Written:
+        """Through the writer (embedded), or (log mode) into the catalog stream."""
+        if not isinstance(self.writer, Writer):
+            return Written(log_sequence=self.writer.publish_catalog(message(),
+                                                                    remaining(context)))
         submission = Submission(write=write)
         self.writer.submit(submission, block=False)
         submission.wait(remaining(context))
@@ -83,25 +92,29 @@ class ItemServicer(catalog_pb2_grpc.ItemServiceServicer):
                  ) -> catalog_pb2.PutItemsResponse:
         items = [to_item(m) for m in request.items]
         check_items(items, self.max_id_length)
-        written = self._write(lambda w, catalog, now: put_items(w, catalog, items, now), context)
+        written = self._write(lambda w, catalog, now: put_items(w, catalog, items, now),
+                              lambda: write_message(items=items), context)
         return catalog_pb2.PutItemsResponse(added=written.added, updated=written.updated,
-                                            catalog_version=written.catalog_version)
+                                            catalog_version=written.catalog_version,
+                                            log_sequence=written.log_sequence)
 
     def TakeDownItems(self, request: catalog_pb2.TakeDownItemsRequest,
                       context: grpc.ServicerContext) -> catalog_pb2.TakeDownItemsResponse:
         item_ids = list(request.item_ids)
         check_ids(item_ids, self.max_id_length)
         written = self._write(lambda w, catalog, now: take_down(w, catalog, item_ids, now),
-                              context)
-        return catalog_pb2.TakeDownItemsResponse(taken_down=written.taken_down,
-                                                 unknown_item_ids=written.unknown,
-                                                 catalog_version=written.catalog_version)
+                              lambda: write_message(take_down_ids=item_ids), context)
+        return catalog_pb2.TakeDownItemsResponse(
+            taken_down=written.taken_down if written.log_sequence == 0 else len(item_ids),
+            unknown_item_ids=written.unknown, catalog_version=written.catalog_version,
+            log_sequence=written.log_sequence)
 
     def GetItem(self, request: catalog_pb2.GetItemRequest, context: grpc.ServicerContext
                 ) -> catalog_pb2.ItemState:
         check_ids([request.item_id], self.max_id_length)
-        if self.writer is None or self.store is None:
-            raise FailedPrecondition("the live catalog is kept by the embedded event service")
+        if not isinstance(self.writer, Writer) or self.store is None:
+            raise FailedPrecondition("in log mode the live catalog is kept by the ranking "
+                                     "hosts")
         catalog = self.writer.catalogs.live
         row = catalog.item_index.get(request.item_id)
         live = read_items(self.store, [request.item_id]).get(request.item_id)

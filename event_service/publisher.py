@@ -16,6 +16,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import nats.errors
 from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableError
@@ -117,17 +118,28 @@ class LogPublisher:
                 self._inflight -= len(events)
                 self._lock.notify_all()
 
+    def publish_catalog(self, payload: bytes, timeout: float | None) -> int:
+        """Publish a catalog write (`index.live.write_message`); its stream sequence, once
+        stored. Every ranking host applies it."""
+        assert self._loop is not None
+        future = asyncio.run_coroutine_threadsafe(
+            self._retrying(self.config.catalog_subject, payload, {}), self._loop.loop)
+        return int(future.result(timeout).seq)
+
     async def _one(self, event: Event) -> Outcome:
         """Publish one event, retrying through a leader election (safe: the server drops
         a repeated Nats-Msg-Id)."""
         subject = self.config.events_subject(self.config.partition(event.user_id))
-        payload = to_message(event).SerializeToString()
+        ack = await self._retrying(subject, to_message(event).SerializeToString(),
+                                   {"Nats-Msg-Id": event.event_id})
+        return Outcome(bool(ack.duplicate), True, 0, int(ack.seq))
+
+    async def _retrying(self, subject: str, payload: bytes, headers: dict[str, str]) -> Any:
+        """Publish, retrying through a leader election until `publish_timeout_s`."""
         deadline = time.monotonic() + self.publish_timeout_s
         while True:
             try:
-                ack = await self.js.publish(subject, payload, timeout=2,
-                                            headers={"Nats-Msg-Id": event.event_id})
-                return Outcome(bool(ack.duplicate), True, 0, int(ack.seq))
+                return await self.js.publish(subject, payload, timeout=2, headers=headers)
             except (*_RETRYABLE, APIError) as exc:
                 retry = isinstance(exc, _RETRYABLE) or getattr(exc, "code", 0) == 503
                 if not retry or time.monotonic() > deadline:

@@ -230,8 +230,7 @@ def create_server(settings: Settings, deps: Deps) -> tuple[Service, int]:
         events_pb2_grpc.add_EventServiceServicer_to_server(
             EventServicer(settings, deps.writer, deps.store, deps.metrics), server)
         catalog_pb2_grpc.add_ItemServiceServicer_to_server(ItemServicer(
-            deps.writer if isinstance(deps.writer, Writer) else None, deps.store,
-            settings.max_id_length), server)
+            deps.writer, deps.store, settings.max_id_length), server)
 
     store = deps.store
     return assemble(settings, POLICY | ITEM_POLICY, [SERVICE, ITEM_SERVICE], add,

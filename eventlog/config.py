@@ -1,7 +1,9 @@
 """Where the log is and how it is laid out (no NATS import: the embedded mode reads this).
 
 Subjects: events of partition p on ``<prefix>.events.<p>`` (stream ``<PREFIX>_EVENTS``),
-the changelog of shard p on ``<prefix>.shard.<p>`` (stream ``<PREFIX>_SHARDS``); leases
+the changelog of shard p on ``<prefix>.shard.<p>`` (stream ``<PREFIX>_SHARDS``), writes of
+the live catalog on ``<prefix>.catalog`` (stream ``<PREFIX>_CATALOG``, kept for good: a new
+ranking host replays it from the start); leases
 in the KV bucket ``<prefix>_owners`` (key ``p<p>``), worker heartbeats in
 ``<prefix>_members``, shard snapshots in the object store ``<prefix>_snapshots``.
 """
@@ -43,6 +45,14 @@ class LogConfig:
     @property
     def shards_stream(self) -> str:
         return f"{self.prefix.upper()}_SHARDS"
+
+    @property
+    def catalog_stream(self) -> str:
+        return f"{self.prefix.upper()}_CATALOG"
+
+    @property
+    def catalog_subject(self) -> str:
+        return f"{self.prefix}.catalog"
 
     @property
     def owners_bucket(self) -> str:

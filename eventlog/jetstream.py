@@ -111,6 +111,10 @@ async def _ensure(js: JetStreamContext, config: LogConfig) -> None:
             name=config.shards_stream, subjects=[f"{config.prefix}.shard.*"],
             description=layout, num_replicas=config.replicas, storage=api.StorageType.FILE,
             max_msg_size=MAX_PAYLOAD, max_age=config.retention_s),
+        config.catalog_stream: api.StreamConfig(
+            name=config.catalog_stream, subjects=[config.catalog_subject],
+            description=layout, num_replicas=config.replicas, storage=api.StorageType.FILE,
+            max_msg_size=MAX_PAYLOAD),  # kept for good: hosts replay it from the start
     }
     for name, stream in streams.items():
         try:

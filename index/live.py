@@ -293,6 +293,35 @@ class Written:
     taken_down: int = 0
     unknown: tuple[str, ...] = ()
     catalog_version: int = 0
+    log_sequence: int = 0  # log mode: the write's place in the catalog stream
+
+
+def write_message(items: Sequence[CatalogItem] = (), take_down_ids: Sequence[str] = (),
+                  ) -> bytes:
+    """A catalog write as the log mode's catalog stream carries it (JSON): a put of
+    checked `items`, or a take-down of checked ids."""
+    if items:
+        return json.dumps({"op": "put", "items": [
+            {"id": i.item_id, "title": i.title, "genres": list(i.genres), "year": i.year,
+             "from": i.available_from, "until": i.available_until} for i in items]}).encode()
+    return json.dumps({"op": "take_down", "ids": list(take_down_ids)}).encode()
+
+
+def apply_message(writer: StoreWriter, catalog: CatalogSnapshot, payload: bytes,
+                  now: float, max_id_bytes: int) -> Written:
+    """Apply a catalog stream message (`write_message`), checked as a request is
+    (InvalidArgument or ValueError: nothing applied)."""
+    message = json.loads(payload)
+    if message.get("op") == "put":
+        items = [CatalogItem(i["id"], i["title"], tuple(i["genres"]), int(i["year"]),
+                             float(i["from"]), float(i["until"])) for i in message["items"]]
+        check_items(items, max_id_bytes)
+        return put_items(writer, catalog, items, now)
+    if message.get("op") == "take_down":
+        ids = [str(i) for i in message["ids"]]
+        check_ids(ids, max_id_bytes)
+        return take_down(writer, catalog, ids, now)
+    raise ValueError(f"unknown catalog write {message.get('op')!r}")
 
 
 def _get(writer: StoreWriter, item_id: str) -> LiveItem | None:
@@ -381,6 +410,19 @@ def _stats(writer: StoreWriter, catalog: CatalogSnapshot, item_id: str) -> ItemS
     return stats
 
 
+def plays_between(before: UserRecord | None, after: UserRecord,
+                  live_ids: Collection[str]) -> list[Play]:
+    """The plays of live items that turned the user's record `before` into `after` (as a
+    log-mode host sees them: records, not events): the weight each one's history entry
+    gained, at its latest play."""
+    old = {} if before is None else dict(zip(before.item_ids, before.weights.tolist(),
+                                              strict=True))
+    return [(item_id, weight - old.get(item_id, 0.0), float(at))
+            for item_id, weight, at in zip(after.item_ids, after.weights.tolist(),
+                                           after.last_at.tolist(), strict=True)
+            if item_id in live_ids and weight > old.get(item_id, 0.0)]
+
+
 def near_plays(catalog: CatalogSnapshot, record: UserRecord) -> np.ndarray:
     """The snapshot rows a play made now pairs with in the co-visitation count: the user's
     latest distinct plays, as many as the neighbours' window lets through (0: all)."""
@@ -432,10 +474,11 @@ def learn(writer: StoreWriter, catalog: CatalogSnapshot, plays: Mapping[str, lis
 
 
 def refold_items(writer: StoreWriter, catalog: CatalogSnapshot) -> int:
-    """Recompute every live item under this model (after a model change, once the users
-    are re-folded): its vector from its viewers' current vectors (none: the content
-    start), its co-visits from their histories. Items the snapshot now has drop their
-    statistics and plays. How many items were recomputed."""
+    """Recompute the live items of another model under this one (after a model change):
+    its vector from its viewers' current vectors (none: the content start), its co-visits
+    from their histories, once every viewer is re-folded (until then it is served with
+    its content start). Items the snapshot now has drop their statistics and plays. How
+    many items were recomputed."""
     redone = []
     for key, raw in list(writer.scan("live_items")):
         item_id = key.decode("utf-8")
@@ -448,10 +491,14 @@ def refold_items(writer: StoreWriter, catalog: CatalogSnapshot) -> int:
             continue
         if live.model_version == catalog.model_version:
             continue
+        records = [(writer.get_user(plays_key[len(key) + 1:].decode("utf-8")), raw_plays)
+                   for plays_key, raw_plays in viewers]
+        if any(r is not None and r.model_version != catalog.model_version
+               for r, _ in records):
+            continue  # a viewer is not re-folded yet: again later
         live = live.under(catalog)
         stats = ItemStats.empty(catalog.model_version, catalog.dim)
-        for plays_key, raw_plays in viewers:
-            record = writer.get_user(plays_key[len(key) + 1:].decode("utf-8"))
+        for record, raw_plays in records:
             if record is None:
                 continue
             live = live.co_visited(near_plays(catalog, record))

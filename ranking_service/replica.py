@@ -9,6 +9,12 @@ Item counts from every shard add up in the replica (they are sums), which is how
 merges across shards. Per partition the replica keeps the last event-log sequence it has
 applied (``log.position.<p>``), in the same txn as the records: `wait_for` turns it into
 read-your-writes for a client holding a Track's log sequence.
+
+The live catalog is the host's too: the replica follows the log's catalog stream (the
+front end's puts and take-downs, from the start: it is kept for good) into the store, and
+learns the live items from the plays it sees in the records the changelog writes (the
+weight a live item's history entry gained), by the same item-side fold-in as the
+embedded writer (`index.live`), so the ranking workers serve it as in the embedded mode.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,11 +33,17 @@ from nats.js import api
 from eventlog import snapshots
 from eventlog.config import LogConfig
 from eventlog.jetstream import Loop, close, commit_stand, connect, ensure_log
-from index.changelog import CHANGELOG_KEY, POSITION_KEY, ChangelogError, replay
+from index.catalog import CatalogSnapshot
+from index.changelog import CHANGELOG_KEY, POSITION_KEY, ChangelogError, decode, replay
+from index.errors import InvalidArgument
+from index.follower import SnapshotFollower
+from index.live import apply_message, learn, plays_between, read_items, refold_items
 from index.store import HALF_LIFE_KEY, StoreWriter, UserStore, wait_until
+from index.user_record import UserRecord
 
 log = logging.getLogger("freshrec.replica")
 FOLLOWED_KEY = "log.followed_seq"  # the last changelog message applied
+CATALOG_KEY = "log.catalog_seq"  # the last catalog stream message applied
 
 
 def position_key(partition: int) -> str:
@@ -46,8 +59,15 @@ def changelog_key(partition: int) -> str:
 class Replica:
     """Follows the changelog into `store`, from where it stopped (a part of the service)."""
 
-    def __init__(self, config: LogConfig, store: UserStore, batch: int = 500) -> None:
+    def __init__(self, config: LogConfig, store: UserStore, snapshots: Path,
+                 batch: int = 500, max_id_length: int = 128) -> None:
         self.config, self.store, self.batch = config, store, batch
+        self.max_id_length = max_id_length
+        # The snapshot the live catalog is learned against (the item factors only).
+        self.catalogs = SnapshotFollower(
+            snapshots, lambda v: CatalogSnapshot.load(snapshots, v, with_index=False),
+            lambda catalog: catalog.model_version)
+        self._stale_items = True  # re-fold the live items (of another model) when ready
         self._loop: Loop | None = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="freshrec-replica")
         self._pending: list[Msg] = []
@@ -74,6 +94,31 @@ class Replica:
                                       opt_start_seq=start))
         self._task = asyncio.create_task(self._apply_loop())
         log.info("following the shards' changelog from message %d", start)
+        catalog_from = int(self.store.get_meta(CATALOG_KEY) or 0) + 1
+        self._catalog_sub = await self.js.subscribe(
+            self.config.catalog_subject, cb=self._receive_catalog, ordered_consumer=True,
+            config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                                      opt_start_seq=catalog_from))
+
+    async def _receive_catalog(self, msg: Msg) -> None:
+        # In the one thread that writes the store, in stream order (an ordered consumer
+        # delivers one message at a time to this callback).
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._apply_catalog,
+                                                         msg)
+
+    def _apply_catalog(self, msg: Msg) -> None:
+        seq = msg.metadata.sequence.stream
+
+        def work(writer: StoreWriter) -> None:
+            writer.put_meta(CATALOG_KEY, str(seq))
+            try:
+                apply_message(writer, self.catalogs.live, msg.data, time.time(),
+                              self.max_id_length)
+            except (InvalidArgument, ValueError, KeyError, TypeError) as exc:
+                log.error("catalog message %d refused (not from the front end?): %s", seq,
+                          exc)
+
+        self.store.transact(work)
 
     async def _bootstrap(self) -> None:
         """An empty replica starts from the shards' snapshots (the changelog before them
@@ -141,22 +186,45 @@ class Replica:
 
     def _apply(self, msgs: list[Msg]) -> None:
         done = dict(self._changelog)
+        if self.catalogs.follow() is not None:
+            self._stale_items = True
+        catalog = self.catalogs.live
 
         def work(writer: StoreWriter) -> None:
             done.update(self._changelog)  # (a rerun after growing the map starts again)
+            live_ids = {k.decode("utf-8") for k, _ in writer.scan("live_items")}
             for msg, partition, position in _entries(msgs):
                 seq = msg.metadata.sequence.stream
                 if seq <= done[partition]:
                     continue  # in the snapshot this replica started from
+                users = [values[0] for tag, values in decode(msg.data) if tag == b"U"] \
+                    if live_ids else []
+                before = {u: writer.get_user(u) for u in users}
                 replay(writer, msg.data, users_only=True)
+                if users:
+                    self._learn(writer, catalog, before, live_ids)
                 writer.put_meta(position_key(partition), str(position))
                 writer.put_meta(changelog_key(partition), str(seq))
                 done[partition] = seq
             writer.put_meta(FOLLOWED_KEY, str(msgs[-1].metadata.sequence.stream))
+            if self._stale_items:
+                refold_items(writer, catalog)
 
         self.store.transact(work)
+        self._stale_items = self._stale_items and _any_stale(self.store, catalog)
         self._changelog = done
         self.applied += len(msgs)
+
+    @staticmethod
+    def _learn(writer: StoreWriter, catalog: CatalogSnapshot,
+               before: dict[str, UserRecord | None], live_ids: set[str]) -> None:
+        """The plays of live items in the records a changelog message wrote, learned."""
+        after = {u: writer.get_user(u) for u in before}
+        records = {u: catalog.fit(r) for u, r in after.items() if r is not None}
+        plays = {u: p for u, r in records.items()
+                 if (p := plays_between(before[u], r, live_ids))}
+        if plays:
+            learn(writer, catalog, plays, records)
 
     def stop(self, timeout: float) -> None:
         """Stop following (what was applied stays)."""
@@ -169,7 +237,15 @@ class Replica:
 
     async def _close(self) -> None:
         self._task.cancel()
+        for sub in (self._sub, self._catalog_sub):
+            await sub.unsubscribe()
         await close(self.client)
+
+
+def _any_stale(store: UserStore, catalog: CatalogSnapshot) -> bool:
+    """Whether a live item the snapshot lacks is of another model (not re-folded yet)."""
+    return any(item_id not in catalog.item_index and live.model_version != catalog.model_version
+               for item_id, live in read_items(store).items())
 
 
 def _entries(msgs: list[Msg]) -> Iterator[tuple[Msg, int, int]]:

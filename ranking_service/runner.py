@@ -14,7 +14,7 @@ import logging
 import multiprocessing
 import sys
 
-from index import users_dir
+from index import snapshots_dir, users_dir
 from index.kernels import warm_up
 from index.store import UserStore
 from ranking_service.config import Settings
@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_logging()
     store = UserStore(users_dir(settings.data_dir))
-    replica = Replica(settings.log, store)
+    replica = Replica(settings.log, store, snapshots_dir(settings.data_dir),
+                      max_id_length=settings.max_id_length)
     replica.start()
     try:
         return supervise(settings)

@@ -10,7 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -33,8 +33,16 @@ from index.catalog import CatalogSnapshot
 from index.changelog import POSITION_KEY
 from index.follower import SnapshotFollower
 from index.store import UserStore
+from index.tables import Dataset
 from ranking_service.replica import FOLLOWED_KEY, Replica, position_key
-from recsys.v1 import events_pb2, events_pb2_grpc, ranking_pb2, ranking_pb2_grpc
+from recsys.v1 import (
+    catalog_pb2,
+    catalog_pb2_grpc,
+    events_pb2,
+    events_pb2_grpc,
+    ranking_pb2,
+    ranking_pb2_grpc,
+)
 from tests.integration.conftest import playback, status_of
 
 
@@ -163,7 +171,7 @@ def test_a_new_owner_and_a_new_replica_start_from_the_snapshot_then_replay_the_r
             if restart:  # as if killed in its bootstrap: it must not add the counts twice
                 store.transact(lambda w: w.txn.delete(FOLLOWED_KEY.encode(),
                                                       db=w.dbs["meta"]))
-            replica = Replica(log, store)
+            replica = Replica(log, store, snapshots_dir(data_dir))
             replica.start()
             deadline = time.monotonic() + 10
             while int(store.get_meta(position_key(0)) or 0) < 20 and \
@@ -271,6 +279,60 @@ def test_recommend_at_a_tracked_log_sequence_reads_that_write(
     again = events.Track(events_pb2.TrackRequest(
         event=playback("ryw0", "reader", catalog.item_ids[0])), timeout=10)
     assert again.duplicate  # inside the log's duplicate window
+
+
+def _poll(seconds: float, check: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, f"not within {seconds} s"
+        time.sleep(0.02)
+
+
+def test_the_live_catalog_in_log_mode_reaches_the_ranking_hosts_and_learns_from_plays(
+        log_services: Services, small_dataset: Dataset, catalog: CatalogSnapshot) -> None:
+    _, _, front, ranking, _ = log_services
+    events, rank = _stubs(front, ranking)
+    with grpc.insecure_channel(f"127.0.0.1:{front}") as channel:
+        items = catalog_pb2_grpc.ItemServiceStub(channel)
+        put = items.PutItems(catalog_pb2.PutItemsRequest(items=[catalog_pb2.CatalogItem(
+            item_id="log-new", title="Premiere", genres=["genre-00"], year=2026)]), timeout=10)
+        assert put.log_sequence > 0
+        assert status_of(items.GetItem, catalog_pb2.GetItemRequest(item_id="log-new")) == \
+            grpc.StatusCode.FAILED_PRECONDITION
+
+        def new_releases(user: str) -> list[str]:
+            page = rank.HomePage(ranking_pb2.HomePageRequest(user_id=user, k_per_row=5))
+            return [i.item_id for r in page.rows if r.id == "new_releases" for i in r.items]
+
+        _poll(5, lambda: "log-new" in new_releases("log-nobody"))
+        # Viewers of cluster 0 (items i % 10 == 0), made from events alone, play it.
+        cluster = [f"i{n}" for n in range(0, 400, 10)]
+        ack = None
+        for u in range(6):
+            for n, item in enumerate([*cluster[u:u + 12], "log-new"][:13 if u < 5 else 12]):
+                ack = events.Track(events_pb2.TrackRequest(event=playback(
+                    f"live-{u}-{n}", f"log-fan-{u}", item, at=time.time() - 60 + n)),
+                    timeout=30)
+        assert ack is not None
+        vector = ranking_pb2.RETRIEVAL_VECTOR
+
+        def recommended(user: str) -> list[str]:
+            try:
+                return [i.item_id for i in rank.Recommend(ranking_pb2.RecommendRequest(
+                    user_id=user, k=10, retrieval=vector, min_log_sequence=ack.log_sequence),
+                    timeout=10).items]
+            except grpc.RpcError as error:  # the replica has not applied them all yet
+                assert error.code() == grpc.StatusCode.UNAVAILABLE
+                return []
+
+        _poll(10, lambda: "log-new" in recommended("log-fan-5"))  # the sixth fan, who did not
+        assert "log-new" not in recommended("log-fan-0")  # watched: never offered back
+        items.TakeDownItems(catalog_pb2.TakeDownItemsRequest(item_ids=["log-new", "i0"]),
+                            timeout=10)
+        _poll(5, lambda: not {"log-new", "i0"} & {*recommended("log-fan-5"),
+                                                   *new_releases("log-nobody")})
+        assert status_of(rank.SimilarItems, ranking_pb2.SimilarItemsRequest(
+            item_id="log-new", k=3)) == grpc.StatusCode.NOT_FOUND
 
 
 def test_a_log_sequence_never_reached_is_unavailable_at_the_deadline_not_a_hang(

@@ -18,12 +18,14 @@ from index.live import (
     ItemStats,
     LiveItem,
     LiveSegment,
+    apply_message,
     catalog_version,
     changed_since,
     check_ids,
     check_items,
     learn,
     learned_vector,
+    plays_between,
     prune_changes,
     put_items,
     read_items,
@@ -31,6 +33,7 @@ from index.live import (
     start_vector,
     take_down,
     taken_in,
+    write_message,
 )
 from index.neighbours import Candidates
 from index.ranking import LiveCatalog
@@ -255,3 +258,30 @@ def test_live_items_are_co_visitation_neighbours_of_what_their_viewers_played(
     assert reached.rows.tolist() == [row] and reached.anchors.tolist() == [10]
     assert np.isclose(reached.scores[0], score[0] + 0.5 * score[1])
     assert not len(segment.reach(np.array([0]), np.ones(1)).rows)
+
+
+def test_log_mode_messages_apply_as_the_requests_do(store: UserStore,
+                                                    catalog: CatalogSnapshot) -> None:
+    windowed = replace(ITEM, available_from=5.0, available_until=50.0)
+    store.transact(lambda w: apply_message(w, catalog, write_message(items=[windowed]), 1.0,
+                                           128))
+    assert read_items(store)["new-1"].item == windowed
+    store.transact(lambda w: apply_message(w, catalog, write_message(take_down_ids=["new-1"]),
+                                           2.0, 128))
+    assert read_items(store)["new-1"].taken_down
+    version = catalog_version(store)
+    for bad in (b'{"op": "rename"}', write_message(items=[replace(ITEM, item_id="")]),
+                b'{"op": "put", "items": [{"id": "x"}]}'):
+        with pytest.raises((InvalidArgument, ValueError, KeyError)):
+            store.transact(lambda w, b=bad: apply_message(w, catalog, b, 3.0, 128))
+    assert catalog_version(store) == version  # nothing applied
+
+
+def test_a_hosts_plays_are_what_a_records_live_entries_gained(catalog: CatalogSnapshot) -> None:
+    before = record_of(catalog, [("new-1", 1.0, 5.0), (catalog.item_ids[0], 1.0, 5.0)], "u")
+    after, _ = before.with_plays([("new-1", 0.5, 9.0), ("new-2", 1.0, 8.0),
+                                  (catalog.item_ids[1], 1.0, 9.0)], catalog.item_index, 500)
+    plays = plays_between(before, after, {"new-1", "new-2"})
+    assert sorted(plays) == [("new-1", 0.5, 9.0), ("new-2", 1.0, 8.0)]
+    assert plays_between(None, before, {"new-1"}) == [("new-1", 1.0, 5.0)]
+    assert plays_between(after, after, {"new-1", "new-2"}) == []
