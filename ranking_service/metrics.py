@@ -29,6 +29,9 @@ class RankingMetrics:
         self.live_version = Gauge("freshrec_live_catalog_version",
                                   "Live catalog version this worker serves",
                                   registry=self.registry)
+        self.live_followed = Gauge("freshrec_live_followed_at_seconds",
+                                   "When this worker last followed the live catalog (unix s)",
+                                   registry=self.registry)
         self.reloads = Counter("freshrec_catalog_reloads_total", "Catalog reloads by outcome",
                                ["outcome"], registry=self.registry)
 

@@ -248,6 +248,7 @@ class Maintenance:
                     segment = self.ranker.live.segment
                     self.metrics.live_items.set(len(segment))
                     self.metrics.live_version.set(segment.version)
+                self.metrics.live_followed.set(time.time())
                 if now >= next_trending:
                     self.ranker.refresh_trending()
                     self.store.reap_stale_readers()
