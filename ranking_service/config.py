@@ -28,6 +28,8 @@ class Settings(ServerSettings):
     catalog_poll_s: float = 1.0
     live_poll_s: float = field(default=0.2, metadata={
         "help": "how often the live catalog (puts, take-downs, learned items) is followed"})
+    live_learn_refresh_s: float = field(default=RankingConfig.live_learn_refresh_s, metadata={
+        "help": "at most this often, what live items learned from plays is served"})
     trending_refresh_s: float = 5.0
     brute_force_below: int = RankingConfig.brute_force_below
     popularity_blend: float = RankingConfig.popularity_blend

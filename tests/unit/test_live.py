@@ -4,6 +4,8 @@ store writes and the change feed, and the segment a ranking worker serves."""
 from __future__ import annotations
 
 import math
+import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,7 +38,7 @@ from index.live import (
     write_message,
 )
 from index.neighbours import Candidates
-from index.ranking import LiveCatalog
+from index.ranking import LiveCatalog, Ranker, RankingConfig
 from index.retrieval import Query, Retriever
 from index.store import UserStore
 from tests.conftest import record_of
@@ -285,3 +287,26 @@ def test_a_hosts_plays_are_what_a_records_live_entries_gained(catalog: CatalogSn
     assert sorted(plays) == [("new-1", 0.5, 9.0), ("new-2", 1.0, 8.0)]
     assert plays_between(None, before, {"new-1"}) == [("new-1", 1.0, 5.0)]
     assert plays_between(after, after, {"new-1", "new-2"}) == []
+
+
+def test_a_worker_serves_puts_at_once_and_learned_vectors_at_most_every_interval(
+        tmp_path: Path, data_dir: Path, catalog: CatalogSnapshot) -> None:
+    shutil.copytree(data_dir, tmp_path / "data")
+    with UserStore(tmp_path / "data" / "users.lmdb") as store:
+        ranker = Ranker(tmp_path / "data" / "snapshots", store,
+                        RankingConfig(live_learn_refresh_s=0.3))
+        assert ranker.refresh_live()  # the first look reads everything
+        assert not ranker.refresh_live()
+        store.transact(lambda w: put_items(w, catalog, [ITEM], time.time()))
+        assert ranker.refresh_live() and "new-1" in ranker.live.segment.rows  # at once
+        fan = replace(record_of(catalog, [(catalog.item_ids[0], 1.0, 0.0)], "fan"),
+                      vector=np.ones(catalog.dim, np.float32),
+                      model_version=catalog.model_version)
+        store.transact(lambda w: learn(w, catalog, {"fan": [("new-1", 1.0, 5.0)]}, {"fan": fan}))
+        assert not ranker.refresh_live()  # learned: waits for the interval
+        time.sleep(0.35)
+        assert ranker.refresh_live()
+        row = ranker.live.segment.rows["new-1"] - ranker.live.segment.offset
+        assert np.allclose(ranker.live.segment.vectors[row], read_items(store)["new-1"].vector)
+        store.transact(lambda w: take_down(w, catalog, ["new-1"], time.time()))
+        assert ranker.refresh_live() and "new-1" not in ranker.live.segment.rows  # at once
