@@ -125,6 +125,7 @@ class LiveCatalog:
     segment: LiveSegment
     servable: np.ndarray  # the rows servable now, both parts (read-only: copy to change)
     counts: dict[str, float] = field(default_factory=dict)  # recent plays per item id
+    recent_scale: float = 1.0  # what the recent counts are divided by in the blend
     trending: np.ndarray = field(default_factory=lambda: np.zeros(0))  # recent counts per row
     trending_order: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     popular_order: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -146,34 +147,40 @@ class LiveCatalog:
         return live
 
     def with_segment(self, segment: LiveSegment, blend: float) -> LiveCatalog:
-        """This catalog with another live segment (of the same snapshot)."""
+        """This catalog with another live segment (of the same snapshot); the snapshot's
+        popularity order is kept (it is recomputed with the counts, `set_trending`)."""
         live = replace(self, segment=segment, servable=_servable(self.filters, segment))
-        live.set_trending(self.counts, blend)
+        live._set_live_popularity(blend)
         return live
 
     def set_trending(self, counts: dict[str, float], blend: float) -> None:
         """Blend batch popularity with recent play counts into the fallback order."""
-        catalog, segment = self.catalog, self.segment
+        catalog = self.catalog
         recent = np.zeros(len(catalog))
         for item_id, value in counts.items():
             row = catalog.item_index.get(item_id)
             if row is not None:
                 recent[row] = value
-        live_recent = np.array([counts.get(i, 0.0) for i in segment.item_ids])
         batch = catalog.popularity
-        most_recent = max(float(recent.max(initial=0.0)), float(live_recent.max(initial=0.0)),
-                          1e-9)
+        # One scale for the recent counts of both parts.
+        most_recent = max([float(recent.max(initial=0.0)), 1e-9,
+                           *(counts.get(i, 0.0) for i in self.segment.item_ids)])
         score = (1 - blend) * batch / max(float(batch.max()), 1e-9) + blend * recent / most_recent
         order = np.argsort(-recent, kind="stable")
         # Assigned last: a request reading the orders mid-refresh sees old or new, both valid.
         popular_order = np.argsort(-score, kind="stable")
         popular_rank = np.empty_like(popular_order)
         popular_rank[popular_order] = np.arange(len(popular_order))
-        self.counts, self.live_recent = counts, live_recent
-        self.live_popular = blend * live_recent / most_recent
+        self.counts, self.recent_scale = counts, most_recent
+        self._set_live_popularity(blend)
         self.trending, self.trending_order = recent, order[recent[order] > 0]
         self.popular_order, self.popular_rank = popular_order, popular_rank
         self.popular_score = score
+
+    def _set_live_popularity(self, blend: float) -> None:
+        """The live items' recent counts, and their popularity on the snapshot's scale."""
+        live_recent = np.array([self.counts.get(i, 0.0) for i in self.segment.item_ids])
+        self.live_recent, self.live_popular = live_recent, blend * live_recent / self.recent_scale
 
     # -- rows of both parts ---------------------------------------------------------------
 

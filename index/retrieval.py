@@ -1,6 +1,6 @@
-"""Candidate sources and how they are merged: the ANN search on a vector (with the exact
-search of the live segment beside it), the co-visitation neighbours of played items, the
-popularity order, each restricted by an allowed-rows bitmap.
+"""Candidate sources and how they are merged: the ANN search on a vector (with the search
+of the live segment beside it), the co-visitation neighbours of played items (and of the
+live items), the popularity order, each restricted by an allowed-rows bitmap.
 
 Every returned item carries its reason: the user's taste (the vector), similarity to a
 played item (named by its row), new in the catalog, or popularity/trending (the fallback).
@@ -146,7 +146,7 @@ class Retriever:
     def search(self, vector: np.ndarray, k: int, allowed: np.ndarray | None) -> np.ndarray:
         """Up to k rows of the snapshot for the vector among those the bitmap allows (the
         ANN index's, or the exact top k when the bitmap is narrow or the index gave up
-        early), then the live segment's exact top k."""
+        early), then the live segment's top k (`_live`)."""
         catalog = self.live.catalog
         budget = len(catalog) if allowed is None else count(allowed[:-(-len(catalog) // 8)])
         ids = None
