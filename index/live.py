@@ -307,21 +307,35 @@ def write_message(items: Sequence[CatalogItem] = (), take_down_ids: Sequence[str
     return json.dumps({"op": "take_down", "ids": list(take_down_ids)}).encode()
 
 
-def apply_message(writer: StoreWriter, catalog: CatalogSnapshot, payload: bytes,
-                  now: float, max_id_bytes: int) -> Written:
-    """Apply a catalog stream message (`write_message`), checked as a request is
-    (InvalidArgument or ValueError: nothing applied)."""
-    message = json.loads(payload)
-    if message.get("op") == "put":
-        items = [CatalogItem(i["id"], i["title"], tuple(i["genres"]), int(i["year"]),
-                             float(i["from"]), float(i["until"])) for i in message["items"]]
-        check_items(items, max_id_bytes)
-        return put_items(writer, catalog, items, now)
-    if message.get("op") == "take_down":
-        ids = [str(i) for i in message["ids"]]
-        check_ids(ids, max_id_bytes)
-        return take_down(writer, catalog, ids, now)
-    raise ValueError(f"unknown catalog write {message.get('op')!r}")
+def parse_message(payload: bytes, max_id_bytes: int
+                  ) -> tuple[list[CatalogItem], list[str]]:
+    """The checked items to put, or ids to take down, of a catalog stream message
+    (`write_message`); ValueError (InvalidArgument is one) for anything else."""
+    try:
+        message = json.loads(payload)
+        if message["op"] == "put":
+            items = [CatalogItem(str(i["id"]), str(i["title"]),
+                                 tuple(str(g) for g in i["genres"]), int(i["year"]),
+                                 float(i["from"]), float(i["until"])) for i in message["items"]]
+            check_items(items, max_id_bytes)
+            return items, []
+        if message["op"] == "take_down":
+            ids = [str(i) for i in message["ids"]]
+            check_ids(ids, max_id_bytes)
+            return [], ids
+    except ValueError:
+        raise
+    except Exception as exc:  # any shape of garbage is a message this cannot apply
+        raise ValueError(f"malformed catalog write: {exc!r}") from exc
+    raise ValueError(f"unknown catalog write {message['op']!r}")
+
+
+def apply_message(writer: StoreWriter, catalog: CatalogSnapshot,
+                  parsed: tuple[list[CatalogItem], list[str]], now: float) -> Written:
+    """Apply a parsed catalog stream message (`parse_message`)."""
+    items, ids = parsed
+    return put_items(writer, catalog, items, now) if items else \
+        take_down(writer, catalog, ids, now)
 
 
 def _get(writer: StoreWriter, item_id: str) -> LiveItem | None:
@@ -593,6 +607,8 @@ class LiveSegment:
     vectors: np.ndarray  # float32 (m, d), read-only
     codes: np.ndarray  # int8 (m, d), read-only: vectors / scale, rounded (the scan reads these)
     scale: np.ndarray  # float32 (d,), read-only: per dimension, max |vector| / 127
+    high: np.ndarray  # float32 (d,): per dimension, the largest of the vectors (`bound`)
+    low: np.ndarray  # float32 (d,): and the smallest
     put_at: np.ndarray  # float64 (m,)
     genre_rows: dict[str, np.ndarray]  # genre -> bool (m,)
     rows: dict[str, int]  # live item id -> its row
@@ -640,9 +656,19 @@ class LiveSegment:
         return LiveSegment(version, offset, ids, tuple(i.item for i in live),
                            np.array([i.item.year for i in live], np.int64), readonly(vectors),
                            readonly(codes), readonly(scale.astype(np.float32)),
+                           vectors.max(axis=0, initial=-np.inf),
+                           vectors.min(axis=0, initial=np.inf),
                            np.array([i.put_at for i in live], np.float64), genres,
                            {item_id: offset + i for i, item_id in enumerate(ids)},
                            np.array(sorted(blocked), np.int64), next_change, *co)
+
+    def bound(self, vector: np.ndarray) -> float:
+        """An upper bound of every live item's inner product with `vector` (per dimension
+        the larger of its extremes' products): below a k-th best score of the snapshot's,
+        no live item can enter that top k, and the scan is skipped. Unplayed titles (their
+        content starts are means) fall below every benchmark user's 10th best."""
+        return float(np.maximum(vector * self.high, vector * self.low).sum()) \
+            if len(self) else -np.inf
 
     def reach(self, played: np.ndarray, weights: np.ndarray) -> Candidates:
         """The live items the played snapshot rows reach as co-visitation neighbours, as

@@ -146,7 +146,8 @@ class Retriever:
     def search(self, vector: np.ndarray, k: int, allowed: np.ndarray | None) -> np.ndarray:
         """Up to k rows of the snapshot for the vector among those the bitmap allows (the
         ANN index's, or the exact top k when the bitmap is narrow or the index gave up
-        early), then the live segment's top k (`_live`)."""
+        early), then the live segment's top k (`_live`) unless none of it can compete
+        (`LiveSegment.bound`)."""
         catalog = self.live.catalog
         budget = len(catalog) if allowed is None else count(allowed[:-(-len(catalog) // 8)])
         ids = None
@@ -157,8 +158,11 @@ class Retriever:
             rows = np.arange(len(catalog)) if allowed is None else \
                 np.flatnonzero(unpack(allowed, len(catalog)))
             ids = self._ranked(vector, rows, k)[0]
-        return np.concatenate([ids, self._live(vector, k, allowed)[0]]) \
-            if len(self.live.segment) else ids
+        segment = self.live.segment
+        if not len(segment) or len(ids) >= k and segment.bound(vector) < float(
+                np.min(catalog.item_factors[ids[:k]] @ vector)):
+            return ids  # no live item can enter the top k
+        return np.concatenate([ids, self._live(vector, k, allowed)[0]])
 
     def _live(self, vector: np.ndarray, k: int,
               allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:

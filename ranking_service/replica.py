@@ -35,9 +35,15 @@ from eventlog.config import LogConfig
 from eventlog.jetstream import Loop, close, commit_stand, connect, ensure_log
 from index.catalog import CatalogSnapshot
 from index.changelog import CHANGELOG_KEY, POSITION_KEY, ChangelogError, decode, replay
-from index.errors import InvalidArgument
 from index.follower import SnapshotFollower
-from index.live import apply_message, learn, plays_between, read_items, refold_items
+from index.live import (
+    apply_message,
+    learn,
+    parse_message,
+    plays_between,
+    read_items,
+    refold_items,
+)
 from index.store import HALF_LIFE_KEY, StoreWriter, UserStore, wait_until
 from index.user_record import UserRecord
 
@@ -102,21 +108,28 @@ class Replica:
 
     async def _receive_catalog(self, msg: Msg) -> None:
         # In the one thread that writes the store, in stream order (an ordered consumer
-        # delivers one message at a time to this callback).
-        await asyncio.get_running_loop().run_in_executor(self._thread, self._apply_catalog,
-                                                         msg)
+        # delivers one message at a time to this callback), until it is stored.
+        while True:
+            try:
+                await asyncio.get_running_loop().run_in_executor(
+                    self._thread, self._apply_catalog, msg)
+                return
+            except Exception as exc:  # the disk (full, failing): try again
+                log.error("replica could not store a catalog write: %s; retrying", exc)
+                await asyncio.sleep(1.0)
 
     def _apply_catalog(self, msg: Msg) -> None:
         seq = msg.metadata.sequence.stream
+        try:
+            parsed = parse_message(msg.data, self.max_id_length)
+        except ValueError as exc:  # never applied, and never in the way of the next
+            log.error("catalog message %d refused (not from the front end?): %s", seq, exc)
+            parsed = None
 
         def work(writer: StoreWriter) -> None:
             writer.put_meta(CATALOG_KEY, str(seq))
-            try:
-                apply_message(writer, self.catalogs.live, msg.data, time.time(),
-                              self.max_id_length)
-            except (InvalidArgument, ValueError, KeyError, TypeError) as exc:
-                log.error("catalog message %d refused (not from the front end?): %s", seq,
-                          exc)
+            if parsed is not None:
+                apply_message(writer, self.catalogs.live, parsed, time.time())
 
         self.store.transact(work)
 

@@ -27,6 +27,7 @@ from index.live import (
     check_items,
     learn,
     learned_vector,
+    parse_message,
     plays_between,
     prune_changes,
     put_items,
@@ -265,18 +266,18 @@ def test_live_items_are_co_visitation_neighbours_of_what_their_viewers_played(
 def test_log_mode_messages_apply_as_the_requests_do(store: UserStore,
                                                     catalog: CatalogSnapshot) -> None:
     windowed = replace(ITEM, available_from=5.0, available_until=50.0)
-    store.transact(lambda w: apply_message(w, catalog, write_message(items=[windowed]), 1.0,
-                                           128))
+    put = parse_message(write_message(items=[windowed]), 128)
+    store.transact(lambda w: apply_message(w, catalog, put, 1.0))
     assert read_items(store)["new-1"].item == windowed
-    store.transact(lambda w: apply_message(w, catalog, write_message(take_down_ids=["new-1"]),
-                                           2.0, 128))
+    down = parse_message(write_message(take_down_ids=["new-1"]), 128)
+    store.transact(lambda w: apply_message(w, catalog, down, 2.0))
     assert read_items(store)["new-1"].taken_down
-    version = catalog_version(store)
     for bad in (b'{"op": "rename"}', write_message(items=[replace(ITEM, item_id="")]),
-                b'{"op": "put", "items": [{"id": "x"}]}'):
-        with pytest.raises((InvalidArgument, ValueError, KeyError)):
-            store.transact(lambda w, b=bad: apply_message(w, catalog, b, 3.0, 128))
-    assert catalog_version(store) == version  # nothing applied
+                b'{"op": "put", "items": [{"id": "x"}]}', b"[1, 2]", b"\xff",
+                b'{"op": "put", "items": [{"id": "x", "title": {}, "genres": 5, "year": 1,'
+                b' "from": 0, "until": 0}]}', b'{"op": "take_down", "ids": 3}'):
+        with pytest.raises(ValueError):
+            parse_message(bad, 128)
 
 
 def test_a_hosts_plays_are_what_a_records_live_entries_gained(catalog: CatalogSnapshot) -> None:
@@ -310,3 +311,33 @@ def test_a_worker_serves_puts_at_once_and_learned_vectors_at_most_every_interval
         assert np.allclose(ranker.live.segment.vectors[row], read_items(store)["new-1"].vector)
         store.transact(lambda w: take_down(w, catalog, ["new-1"], time.time()))
         assert ranker.refresh_live() and "new-1" not in ranker.live.segment.rows  # at once
+
+
+def test_the_live_scan_is_skipped_only_when_no_live_item_can_enter_the_top_k(
+        catalog: CatalogSnapshot) -> None:
+    rng = np.random.default_rng(9)
+    query = np.asarray(catalog.item_factors[3], np.float32)
+    vectors = (rng.normal(size=(200, catalog.dim)) * 1e-3).astype(np.float32)  # no match
+    items = {f"l{n}": LiveItem(replace(ITEM, item_id=f"l{n}"), float(n),
+                               model_version=catalog.model_version, vector=vectors[n])
+             for n in range(len(vectors))}
+
+    def top(items: dict[str, LiveItem]) -> tuple[LiveSegment, list[int], set[int]]:
+        segment = LiveSegment.of(items, catalog, 0.0, 1)
+        live = LiveCatalog.of(catalog, segment, {}, 0.5)
+        retrieve = Retriever(live=live, brute_force_below=0, blend_weight=0.5,
+                             neighbour_candidates=10)
+        found = retrieve.search(query, 10, None)
+        ranked = retrieve.personal(Query(vector=query, played=np.zeros(0, np.int64),
+                                         reached=Candidates.empty(), retrieval="vector"),
+                                   10, None)
+        return segment, [s.row for s in ranked], set(found.tolist())
+
+    segment, ranked, found = top(items)
+    assert not any(r >= segment.offset for r in found)  # pruned: none could compete
+    exact = np.argsort(-(np.asarray(catalog.item_factors) @ query), kind="stable")[:10]
+    assert ranked == exact.tolist()
+    strong = {**items, "star": LiveItem(replace(ITEM, item_id="star"), 999.0,
+                                        model_version=catalog.model_version, vector=query * 2)}
+    segment, ranked, found = top(strong)
+    assert ranked[0] == segment.rows["star"]  # it could, so it was searched, and wins
