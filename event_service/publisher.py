@@ -124,7 +124,14 @@ class LogPublisher:
         assert self._loop is not None
         future = asyncio.run_coroutine_threadsafe(
             self._retrying(self.config.catalog_subject, payload, {}), self._loop.loop)
-        return int(future.result(timeout).seq)
+        try:
+            return int(future.result(timeout).seq)
+        except TimeoutError:
+            future.cancel()
+            raise  # the call's deadline: DEADLINE_EXCEEDED
+        except Exception as exc:
+            raise WriterStopped(f"the event log did not take the catalog write: {exc}") \
+                from exc
 
     async def _one(self, event: Event) -> Outcome:
         """Publish one event, retrying through a leader election (safe: the server drops
