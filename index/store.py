@@ -144,11 +144,7 @@ class StoreWriter:
     def scan(self, db: str, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
         """The entries of a named DB whose keys start with `prefix`, in key order (copies:
         the caller may write while iterating)."""
-        cursor = self.txn.cursor(db=self.dbs[db])
-        ok = cursor.set_range(prefix)
-        while ok and bytes(cursor.key()).startswith(prefix):
-            yield bytes(cursor.key()), bytes(cursor.value())
-            ok = cursor.next()
+        yield from _entries(self.txn, self.dbs[db], prefix, prefix)
 
     def put_rejected(self, at: float, seq: int, info: dict[str, Any]) -> None:
         """Keep a rejected event with its reason."""
@@ -289,13 +285,7 @@ class UserStore:
         if handle is None:
             return []
         with self._read() as txn:
-            cursor = txn.cursor(db=handle)
-            out: list[tuple[bytes, bytes]] = []
-            ok = cursor.set_range(max(start, prefix))
-            while ok and bytes(cursor.key()).startswith(prefix):
-                out.append((bytes(cursor.key()), bytes(cursor.value())))
-                ok = cursor.next()
-            return out
+            return list(_entries(txn, handle, start, prefix))
 
     def get_many(self, db: str, keys: list[bytes]) -> list[bytes | None]:
         """The values under `keys` in a named DB, in one read txn (None where absent)."""
@@ -375,6 +365,16 @@ class UserStore:
                                  f"{self.max_map_size} bytes)")
         with self._lock.exclusive():
             self.env.set_mapsize(size)
+
+
+def _entries(txn: lmdb.Transaction, db: Any, start: bytes,
+             prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """A named DB's entries from key `start` on whose keys start with `prefix` (copies)."""
+    cursor = txn.cursor(db=db)
+    ok = cursor.set_range(max(start, prefix))
+    while ok and bytes(cursor.key()).startswith(prefix):
+        yield bytes(cursor.key()), bytes(cursor.value())
+        ok = cursor.next()
 
 
 def wait_until(read: Callable[[], int], target: int, timeout: float,

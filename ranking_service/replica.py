@@ -74,6 +74,8 @@ class Replica:
             snapshots, lambda v: CatalogSnapshot.load(snapshots, v, with_index=False),
             lambda catalog: catalog.model_version)
         self._stale_items = True  # re-fold the live items (of another model) when ready
+        # The ids the live catalog has (puts only add): read once, kept by `_apply_catalog`.
+        self._live_ids = set(read_items(store))
         self._loop: Loop | None = None
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="freshrec-replica")
         self._pending: list[Msg] = []
@@ -132,6 +134,8 @@ class Replica:
                 apply_message(writer, self.catalogs.live, parsed, time.time())
 
         self.store.transact(work)
+        if parsed is not None:
+            self._live_ids.update(item.item_id for item in parsed[0])
 
     async def _bootstrap(self) -> None:
         """An empty replica starts from the shards' snapshots (the changelog before them
@@ -205,7 +209,7 @@ class Replica:
 
         def work(writer: StoreWriter) -> None:
             done.update(self._changelog)  # (a rerun after growing the map starts again)
-            live_ids = {k.decode("utf-8") for k, _ in writer.scan("live_items")}
+            live_ids = self._live_ids
             for msg, partition, position in _entries(msgs):
                 seq = msg.metadata.sequence.stream
                 if seq <= done[partition]:

@@ -88,6 +88,14 @@ def second_snapshot(data_dir: Path, catalog: CatalogSnapshot, version: str,
                    make_current=False)
 
 
+def within(seconds: float, check: Callable[[], bool]) -> None:
+    """Poll `check` until it holds (AssertionError once `seconds` have passed)."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, f"not within {seconds:.3f} s"
+        time.sleep(0.01)
+
+
 def worker_channels(port: int, per_worker: int, workers: int = 2
                     ) -> dict[str, list[grpc.Channel]]:
     """Channels to the port, each on its own connection, grouped by the worker process it

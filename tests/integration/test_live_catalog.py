@@ -11,7 +11,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +36,7 @@ from recsys.v1 import (
     ranking_pb2_grpc,
 )
 from tests.conftest import SMALL_ALS
-from tests.integration.conftest import playback, status_of, worker_channels
+from tests.integration.conftest import playback, status_of, within, worker_channels
 
 Reason = ranking_pb2.Reason
 VISIBLE_S = 1.0  # the issue's bound: a write is honoured on every worker within this
@@ -90,16 +90,6 @@ def _item(item_id: str, genres: tuple[str, ...] = ("genre-00",), year: int = 202
                                    genres=genres, year=year, **stamps)
 
 
-def _within(seconds: float, check: Callable[[], bool]) -> float:
-    """Poll `check` until it holds; how long that took (AssertionError past `seconds`)."""
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > seconds:
-            raise AssertionError(f"not within {seconds} s")
-        time.sleep(0.01)
-    return time.monotonic() - started
-
-
 def _home_ids(stub: ranking_pb2_grpc.RankingServiceStub, user: str, row: str | None = None,
               k: int = 10) -> list[str]:
     page = stub.HomePage(ranking_pb2.HomePageRequest(user_id=user, k_per_row=k))
@@ -122,7 +112,7 @@ def test_a_put_item_is_a_new_release_on_every_worker_within_a_second(live: Live)
     assert (put.added, put.updated) == (1, 0) and put.catalog_version >= 1
     for stub in live.workers.values():
         for user in ("u1", "someone-new"):  # a known user (by taste) and an unknown one
-            _within(VISIBLE_S - (time.monotonic() - acked),
+            within(VISIBLE_S - (time.monotonic() - acked),
                     lambda s=stub, u=user: "premiere" in _home_ids(s, u, "new_releases"))
         page = stub.HomePage(ranking_pb2.HomePageRequest(user_id="u1", k_per_row=10))
         row = next(r for r in page.rows if r.id == "new_releases")
@@ -154,7 +144,7 @@ def test_five_plays_by_one_cluster_reach_its_other_users_and_no_other_cluster(
         def reached(s: ranking_pb2_grpc.RankingServiceStub = stub) -> bool:
             return all(sum("new-c0" in _recommended(s, u, **how) for u in others) >=
                        0.8 * len(others) for how in ({}, vector))
-        _within(VISIBLE_S - (time.monotonic() - acked), reached)
+        within(VISIBLE_S - (time.monotonic() - acked), reached)
         assert not any("new-c0" in _recommended(stub, u, k=20) + _recommended(stub, u, **vector)
                        for u in strangers)
         # The players watched it: never offered to them again.
@@ -190,7 +180,7 @@ def test_a_take_down_is_honoured_by_every_rpc_of_every_worker(
             similar == grpc.StatusCode.NOT_FOUND
 
     for stub in live.workers.values():
-        _within(VISIBLE_S - (time.monotonic() - acked), lambda s=stub: honoured(s))
+        within(VISIBLE_S - (time.monotonic() - acked), lambda s=stub: honoured(s))
     state = live.items.GetItem(catalog_pb2.GetItemRequest(item_id=taste))
     assert state.in_snapshot and state.taken_down and not state.available
     # Put again: served again, as before.
@@ -198,7 +188,7 @@ def test_a_take_down_is_honoured_by_every_rpc_of_every_worker(
     live.items.PutItems(catalog_pb2.PutItemsRequest(items=[catalog_pb2.CatalogItem(
         item_id=taste, title=catalog.titles[row], genres=genres, year=int(catalog.years[row]))]))
     for stub in live.workers.values():
-        _within(VISIBLE_S, lambda s=stub: _recommended(s, user)[0] == taste)
+        within(VISIBLE_S, lambda s=stub: _recommended(s, user)[0] == taste)
 
 
 def test_an_item_is_served_only_inside_its_window(live: Live) -> None:
@@ -210,12 +200,12 @@ def test_an_item_is_served_only_inside_its_window(live: Live) -> None:
         assert put.added == 3
         assert not client.get_item("gone").available and client.get_item("now").available
     stub = next(iter(live.workers.values()))
-    _within(VISIBLE_S, lambda: "now" in _home_ids(stub, "u2", "new_releases"))
+    within(VISIBLE_S, lambda: "now" in _home_ids(stub, "u2", "new_releases"))
     assert not {"tonight", "gone"} & set(_home_ids(stub, "u2", "new_releases"))
     assert status_of(stub.SimilarItems, ranking_pb2.SimilarItemsRequest(
         item_id="tonight", k=3)) == grpc.StatusCode.NOT_FOUND
     # The window opens without any other write.
-    _within(1.5 + VISIBLE_S, lambda: "tonight" in _home_ids(stub, "u2", "new_releases"))
+    within(1.5 + VISIBLE_S, lambda: "tonight" in _home_ids(stub, "u2", "new_releases"))
     assert stub.SimilarItems(ranking_pb2.SimilarItemsRequest(item_id="tonight", k=3)).items
 
 
@@ -281,7 +271,7 @@ def test_the_live_catalog_survives_kill_9_of_the_event_service(live: Live) -> No
             catalog_pb2.GetItemRequest(item_id="durable"))
     assert state.live and state.available
     for stub in live.workers.values():
-        _within(VISIBLE_S, lambda s=stub: "durable" in _home_ids(s, "u3", "new_releases"))
+        within(VISIBLE_S, lambda s=stub: "durable" in _home_ids(s, "u3", "new_releases"))
 
 
 def test_a_build_takes_the_live_items_in_and_serving_switches_without_a_failed_call(
@@ -310,7 +300,7 @@ def test_a_build_takes_the_live_items_in_and_serving_switches_without_a_failed_c
         build(small_dataset, live.data_dir, SMALL_ALS, index="flat", version="small-v2",
               log=lambda _: None)
         assert current_version(live.data_dir / "snapshots") == "small-v2"
-        _within(10, lambda: set(versions.values()) == {"small-v2"} and len(versions) == 2)
+        within(10, lambda: set(versions.values()) == {"small-v2"} and len(versions) == 2)
     finally:
         done.set()
         for thread in clients:
@@ -323,14 +313,14 @@ def test_a_build_takes_the_live_items_in_and_serving_switches_without_a_failed_c
     def state() -> catalog_pb2.ItemState:
         return live.items.GetItem(catalog_pb2.GetItemRequest(item_id="new-c0"))
 
-    _within(10, lambda: state().in_snapshot)
+    within(10, lambda: state().in_snapshot)
     assert not state().live and state().model_version == "small-v2"
     # Its trained factor has the taste of the cluster that played it.
     def model_of(user: str) -> str:
         return live.events.GetUser(events_pb2.GetUserRequest(user_id=user)).model_version
 
     everyone = [*fans[5:25], *_cluster_users(small_dataset, 5)[:20]]
-    _within(10, lambda: {model_of(u) for u in everyone} == {"small-v2"})  # re-folded
+    within(10, lambda: {model_of(u) for u in everyone} == {"small-v2"})  # re-folded
 
     def affinity(user: str) -> float:
         vector = live.events.GetUser(events_pb2.GetUserRequest(user_id=user)).vector

@@ -10,7 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -43,7 +43,7 @@ from recsys.v1 import (
     ranking_pb2,
     ranking_pb2_grpc,
 )
-from tests.integration.conftest import playback, status_of
+from tests.integration.conftest import playback, status_of, within
 
 
 @pytest.fixture(scope="module")
@@ -281,13 +281,6 @@ def test_recommend_at_a_tracked_log_sequence_reads_that_write(
     assert again.duplicate  # inside the log's duplicate window
 
 
-def _poll(seconds: float, check: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        assert time.monotonic() < deadline, f"not within {seconds} s"
-        time.sleep(0.02)
-
-
 def test_the_live_catalog_in_log_mode_reaches_the_ranking_hosts_and_learns_from_plays(
         log_services: Services, small_dataset: Dataset, catalog: CatalogSnapshot) -> None:
     _, _, front, ranking, _ = log_services
@@ -304,7 +297,7 @@ def test_the_live_catalog_in_log_mode_reaches_the_ranking_hosts_and_learns_from_
             page = rank.HomePage(ranking_pb2.HomePageRequest(user_id=user, k_per_row=5))
             return [i.item_id for r in page.rows if r.id == "new_releases" for i in r.items]
 
-        _poll(5, lambda: "log-new" in new_releases("log-nobody"))
+        within(5, lambda: "log-new" in new_releases("log-nobody"))
         # Viewers of cluster 0 (items i % 10 == 0), made from events alone, play it.
         cluster = [f"i{n}" for n in range(0, 400, 10)]
         ack = None
@@ -325,11 +318,11 @@ def test_the_live_catalog_in_log_mode_reaches_the_ranking_hosts_and_learns_from_
                 assert error.code() == grpc.StatusCode.UNAVAILABLE
                 return []
 
-        _poll(10, lambda: "log-new" in recommended("log-fan-5"))  # the sixth fan, who did not
+        within(10, lambda: "log-new" in recommended("log-fan-5"))  # the sixth fan, who did not
         assert "log-new" not in recommended("log-fan-0")  # watched: never offered back
         items.TakeDownItems(catalog_pb2.TakeDownItemsRequest(item_ids=["log-new", "i0"]),
                             timeout=10)
-        _poll(5, lambda: not {"log-new", "i0"} & {*recommended("log-fan-5"),
+        within(5, lambda: not {"log-new", "i0"} & {*recommended("log-fan-5"),
                                                    *new_releases("log-nobody")})
         assert status_of(rank.SimilarItems, ranking_pb2.SimilarItemsRequest(
             item_id="log-new", k=3)) == grpc.StatusCode.NOT_FOUND
