@@ -558,6 +558,21 @@ def run(root: Path, base: Path, plan: Plan) -> dict[str, Any]:
     return result
 
 
+def _caught_up(stub: ranking_pb2_grpc.RankingServiceStub, user: str, sequence: int,
+               timeout: float = 60.0) -> None:
+    """Wait until the replica has applied the user's partition up to `sequence`: the server
+    waits at most its --max-log-wait-s per call and says UNAVAILABLE ("retry") past it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            stub.Recommend(ranking_pb2.RecommendRequest(user_id=user, k=1,
+                                                        min_log_sequence=sequence), timeout=30)
+            return
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+
+
 def replicas_behind(topology: Topology, ports: list[int],
                     log_state: dict[str, Any]) -> dict[str, float]:
     """After the replicas caught up with the changelog (a Recommend at each partition's
@@ -571,8 +586,7 @@ def replicas_behind(topology: Topology, ports: list[int],
             user = next((f"u{i}" for i in range(topology.plan.users)
                          if partition_of(f"u{i}", log.partitions) == p), None)
             if user is not None:
-                stub.Recommend(ranking_pb2.RecommendRequest(
-                    user_id=user, k=1, min_log_sequence=log_state["lasts"][p]), timeout=30)
+                _caught_up(stub, user, log_state["lasts"][p])
     now, behind, drift = time.time(), 0, 0.0
     summed: dict[str, float] = defaultdict(float)
     shards = [_shard(topology.root, log_state["owners"][p], p) for p in range(log.partitions)]
