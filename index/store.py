@@ -11,6 +11,7 @@ writes (LMDB allows one write txn at a time); readers use short read txns.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import struct
 import threading
@@ -377,13 +378,14 @@ def _entries(txn: lmdb.Transaction, db: Any, start: bytes,
         ok = cursor.next()
 
 
-def wait_until(read: Callable[[], int], target: int, timeout: float,
-               every_s: float = 0.001) -> int:
+async def reached_within(read: Callable[[], int], target: int, timeout: float,
+                         every_s: float = 0.001) -> int:
     """Poll `read()` (e.g. a user's version: a read txn, ~10 us) until it reaches `target` or
-    `timeout` passes; the value reached (the caller decides what falling short means)."""
+    `timeout` passes, sleeping on the event loop between reads; the value reached (the
+    caller decides what falling short means)."""
     deadline = time.monotonic() + timeout
     while True:
         value = read()
         if value >= target or time.monotonic() >= deadline:
             return value
-        time.sleep(every_s)
+        await asyncio.sleep(every_s)

@@ -22,7 +22,6 @@ class Settings(ServerSettings):
     # one at 16 clients, with the same single-client latency.
     workers: int = field(default=2, metadata={
         "help": "server processes sharing the port (SO_REUSEPORT); needs a fixed port"})
-    max_workers: int = 16
     max_k: int = 500
     max_rank_items: int = field(default=500, metadata={"help": "most item_ids in RankItems"})
     catalog_poll_s: float = 1.0

@@ -44,7 +44,7 @@ from index.live import (
     read_items,
     refold_items,
 )
-from index.store import HALF_LIFE_KEY, StoreWriter, UserStore, wait_until
+from index.store import HALF_LIFE_KEY, StoreWriter, UserStore, reached_within
 from index.user_record import UserRecord
 
 log = logging.getLogger("freshrec.replica")
@@ -270,9 +270,9 @@ def _entries(msgs: list[Msg]) -> Iterator[tuple[Msg, int, int]]:
         yield msg, LogConfig.partition_of_subject(msg.subject), commit_stand(msg)[1]
 
 
-def wait_for(store: UserStore, config: LogConfig, user_id: str, sequence: int,
-             timeout: float) -> int:
+async def wait_for(store: UserStore, config: LogConfig, user_id: str, sequence: int,
+                   timeout: float) -> int:
     """Wait until the user's partition is applied up to `sequence`; the position reached
     (whatever it is at the timeout)."""
     key = position_key(config.partition(user_id))
-    return wait_until(lambda: int(store.get_meta(key) or 0), sequence, timeout)
+    return await reached_within(lambda: int(store.get_meta(key) or 0), sequence, timeout)

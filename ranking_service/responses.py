@@ -146,7 +146,7 @@ def _as_bytes(response: Any) -> bytes:
     return response if isinstance(response, bytes) else response.SerializeToString()
 
 
-def add_ranking_service(servicer: Any, server: grpc.Server) -> None:
+def add_ranking_service(servicer: Any, server: grpc.aio.Server) -> None:
     """Register the RankingService as the generated `add_RankingServiceServicer_to_server`
     does, except that a handler may answer with the response already encoded."""
     requests: dict[str, Callable[[bytes], Any]] = {

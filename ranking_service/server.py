@@ -1,7 +1,13 @@
-"""gRPC shell of the ranking service: protos to domain calls, domain errors to status codes."""
+"""gRPC shell of the ranking service: protos to domain calls, domain errors to status codes.
+
+It runs on the asyncio server (`rpc.server.AioService`): each handler is a coroutine that
+does its (CPU-bound, sub-millisecond) work inline on the server's loop, and awaits only
+while it waits for a version to be reached; a catalog reload runs in a thread.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -21,13 +27,13 @@ from index.filters import ItemFilter
 from index.ranking import PERSONALIZED, Ranker, UserState
 from index.retrieval import BLEND, NEIGHBOURS, VECTOR
 from index.snapshot import VERSION_PATTERN, SnapshotError
-from index.store import UserStore, wait_until
+from index.store import UserStore, reached_within
 from ranking_service.config import Settings
 from ranking_service.metrics import RankingMetrics
 from ranking_service.responses import add_ranking_service, encoder
 from recsys.v1 import catalog_pb2, catalog_pb2_grpc, ranking_pb2, ranking_pb2_grpc
 from rpc.errors import remaining
-from rpc.server import Service, assemble
+from rpc.server import AioService, assemble_aio
 
 log = logging.getLogger("freshrec.ranking")
 SERVICES = [ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name,
@@ -83,7 +89,8 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         finally:
             self.metrics.latency.labels(rpc).observe(time.perf_counter() - started)
 
-    def _wait_budget(self, context: grpc.ServicerContext, longest: float) -> tuple[float, bool]:
+    def _wait_budget(self, context: grpc.aio.ServicerContext,
+                     longest: float) -> tuple[float, bool]:
         """How long a call may wait: within its deadline (less a margin to answer) and
         `longest`; and whether the deadline (not `longest`) is what bounds it."""
         left = remaining(context)
@@ -91,14 +98,15 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             return longest, False
         return max(left - 0.05, 0.0), True
 
-    def _read_your_write(self, request: Any, context: grpc.ServicerContext) -> None:
+    async def _read_your_write(self, request: Any, context: grpc.aio.ServicerContext) -> None:
         """Wait, if asked, until the user is at `min_user_version` (any mode) and (log mode)
         this replica has applied the user's partition up to `min_log_sequence`."""
         user_id, sequence = request.user_id, request.min_log_sequence
         if request.min_user_version:
             timeout, by_deadline = self._wait_budget(context, self.settings.max_version_wait_s)
-            reached = wait_until(lambda: UserState.of(self.ranker.store.get_user(user_id)).version,
-                                 request.min_user_version, timeout)
+            reached = await reached_within(
+                lambda: UserState.of(self.ranker.store.get_user(user_id)).version,
+                request.min_user_version, timeout)
             if reached < request.min_user_version:
                 said = (f"user {user_id!r} is at version {reached}, not "
                         f"{request.min_user_version}, after {timeout:.3f} s")
@@ -110,7 +118,8 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         from ranking_service.replica import wait_for
 
         timeout, _ = self._wait_budget(context, self.settings.max_log_wait_s)
-        reached = wait_for(self.ranker.store, self.settings.log, user_id, sequence, timeout)
+        reached = await wait_for(self.ranker.store, self.settings.log, user_id, sequence,
+                                 timeout)
         if reached < sequence:
             raise Unavailable(f"this replica has applied the user's partition up to log "
                               f"sequence {reached}, not {sequence}, after {timeout:.3f} s; "
@@ -121,10 +130,10 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             self.metrics.user_age.observe(max(time.time() - user.updated_at, 0.0))
         return user
 
-    def Recommend(self, request: ranking_pb2.RecommendRequest, context: grpc.ServicerContext
-                  ) -> bytes:  # an encoded RecommendResponse
+    async def Recommend(self, request: ranking_pb2.RecommendRequest,
+                        context: grpc.aio.ServicerContext) -> bytes:  # encoded
         self._check("user_id", request.user_id, request.k)
-        self._read_your_write(request, context)
+        await self._read_your_write(request, context)
         retrieval = to_retrieval(request.retrieval)
         ranking = self._timed("Recommend", lambda: self.ranker.recommend(
             request.user_id, request.k, to_filter(request.filter), request.include_watched,
@@ -134,16 +143,16 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             ranking.live, ranking.items, SOURCES.get(ranking.source, ranking_pb2.POPULAR),
             self._served(ranking.user))
 
-    def SimilarItems(self, request: ranking_pb2.SimilarItemsRequest,
-                     context: grpc.ServicerContext) -> bytes:
+    async def SimilarItems(self, request: ranking_pb2.SimilarItemsRequest,
+                           context: grpc.aio.ServicerContext) -> bytes:
         self._check("item_id", request.item_id, request.k)
         retrieval = to_retrieval(request.retrieval)
         items, live = self._timed("SimilarItems", lambda: self.ranker.similar(
             request.item_id, request.k, to_filter(request.filter), retrieval))
         return encoder(live.catalog).similar(live, items)
 
-    def RankItems(self, request: ranking_pb2.RankItemsRequest, context: grpc.ServicerContext
-                  ) -> bytes:
+    async def RankItems(self, request: ranking_pb2.RankItemsRequest,
+                        context: grpc.aio.ServicerContext) -> bytes:
         self._check_id("user_id", request.user_id)
         item_ids = list(request.item_ids)
         if not 1 <= len(item_ids) <= self.settings.max_rank_items:
@@ -155,7 +164,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             if item_id in seen:
                 raise InvalidArgument(f"item_ids[{index}] {item_id!r} is given twice")
             seen.add(item_id)
-        self._read_your_write(request, context)
+        await self._read_your_write(request, context)
         retrieval = to_retrieval(request.retrieval)
         ranking = self._timed("RankItems", lambda: self.ranker.rank(
             request.user_id, item_ids, to_filter(request.filter), retrieval))
@@ -163,10 +172,10 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             ranking.live, ranking.items, ranking.unknown,
             SOURCES.get(ranking.source, ranking_pb2.POPULAR), self._served(ranking.user))
 
-    def HomePage(self, request: ranking_pb2.HomePageRequest, context: grpc.ServicerContext
-                 ) -> bytes:
+    async def HomePage(self, request: ranking_pb2.HomePageRequest,
+                       context: grpc.aio.ServicerContext) -> bytes:
         self._check("user_id", request.user_id, request.k_per_row)
-        self._read_your_write(request, context)
+        await self._read_your_write(request, context)
         retrieval = to_retrieval(request.retrieval)
         page = self._timed("HomePage", lambda: self.ranker.home(
             request.user_id, request.k_per_row, to_filter(request.filter), retrieval))
@@ -191,16 +200,20 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
     def __init__(self, ranker: Ranker, metrics: RankingMetrics) -> None:
         self.ranker, self.metrics = ranker, metrics
 
-    def GetCatalogInfo(self, request: catalog_pb2.GetCatalogInfoRequest,
-                       context: grpc.ServicerContext) -> catalog_pb2.CatalogInfo:
+    async def GetCatalogInfo(self, request: catalog_pb2.GetCatalogInfoRequest,
+                             context: grpc.aio.ServicerContext) -> catalog_pb2.CatalogInfo:
         return catalog_info(self.ranker.live.catalog)
 
-    def ReloadCatalog(self, request: catalog_pb2.ReloadCatalogRequest,
-                      context: grpc.ServicerContext) -> catalog_pb2.CatalogInfo:
+    async def ReloadCatalog(self, request: catalog_pb2.ReloadCatalogRequest,
+                            context: grpc.aio.ServicerContext) -> catalog_pb2.CatalogInfo:
         version = request.model_version or None
         if version is not None and not VERSION_PATTERN.fullmatch(version):
             raise InvalidArgument(f"model_version {version!r} is not a snapshot name under "
                                   "snapshots/ (letters, digits, '.', '_', '-')")
+        # Loading a snapshot takes seconds: off the loop, which keeps serving.
+        return await asyncio.to_thread(self._reload, version)
+
+    def _reload(self, version: str | None) -> catalog_pb2.CatalogInfo:
         before = self.ranker.catalogs.version
         try:
             live = self.ranker.catalogs.switch(version)  # also points CURRENT at it
@@ -290,13 +303,13 @@ def open_deps(settings: Settings) -> Deps:
     return Deps(ranker, store, RankingMetrics())
 
 
-def create_server(settings: Settings, deps: Deps) -> tuple[Service, int]:
+def create_server(settings: Settings, deps: Deps) -> tuple[AioService, int]:
     """Build and start the server on settings.host:port; returns it and the bound port."""
-    def add(server: grpc.Server) -> None:
+    def add(server: grpc.aio.Server) -> None:
         add_ranking_service(RankingServicer(settings, deps.ranker, deps.metrics), server)
         catalog_pb2_grpc.add_CatalogServiceServicer_to_server(
             CatalogServicer(deps.ranker, deps.metrics), server)
 
     maintenance = Maintenance(settings, deps.ranker, deps.store, deps.metrics)
-    return assemble(settings, POLICY, SERVICES, add, parts=[maintenance],
-                    close=deps.store.close, reuse_port=settings.workers > 1)
+    return assemble_aio(settings, POLICY, SERVICES, add, parts=[maintenance],
+                        close=deps.store.close, reuse_port=settings.workers > 1)

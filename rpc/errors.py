@@ -9,6 +9,7 @@ which tells clients to retry a deterministic failure forever).
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -65,18 +66,25 @@ class ErrorBoundary(grpc.ServerInterceptor):
             self._wrapped[details.method] = cached
         return cached[1]
 
-    def _abort(self, context: grpc.ServicerContext, exc: Exception) -> None:
-        if context.code() is not None:  # the handler aborted itself: its status stands
-            raise exc
+    def _status(self, exc: Exception) -> tuple[grpc.StatusCode, str]:
+        """The status a handler's error is answered with (a bug: INTERNAL, logged)."""
         code = status_for(exc)
         if code is None:
             log.exception("unexpected error")
-            context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
-        context.abort(code, self.scrub(str(exc)) or type(exc).__name__)
+            return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
+        return code, self.scrub(str(exc)) or type(exc).__name__
+
+    def _abort(self, context: grpc.ServicerContext, exc: Exception) -> None:
+        if context.code() is not None:  # the handler aborted itself: its status stands
+            raise exc
+        context.abort(*self._status(exc))
 
     def _wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        behaviour = (handler.unary_unary or handler.unary_stream or handler.stream_unary
-                     or handler.stream_stream)
+        behaviour = behaviour_of(handler)
+        if inspect.iscoroutinefunction(behaviour) and not handler.response_streaming:
+            return like(handler, self._async_unary(behaviour))  # on the asyncio server
+        if inspect.iscoroutinefunction(behaviour) or inspect.isasyncgenfunction(behaviour):
+            return handler  # the asyncio server's own streams (health, reflection)
         wrap = self._streaming if handler.response_streaming else self._unary
         return like(handler, wrap(behaviour))
 
@@ -86,6 +94,16 @@ class ErrorBoundary(grpc.ServerInterceptor):
                 return behaviour(request, context)
             except Exception as exc:
                 self._abort(context, exc)
+        return call
+
+    def _async_unary(self, behaviour: Callable[..., Any]) -> Callable[..., Any]:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await behaviour(request, context)
+            except grpc.aio.AbortError:
+                raise  # the handler aborted itself: its status stands
+            except Exception as exc:
+                await context.abort(*self._status(exc))
         return call
 
     def _streaming(self, behaviour: Callable[..., Iterator[Any]]) -> Callable[..., Any]:
@@ -103,6 +121,24 @@ _FACTORIES: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler]] = {
     (True, False): grpc.stream_unary_rpc_method_handler,
     (True, True): grpc.stream_stream_rpc_method_handler,
 }
+
+
+class Aio(grpc.aio.ServerInterceptor):
+    """A (sync) interceptor of this package on the asyncio server: it transforms the
+    handler the same way, and wraps coroutine handlers with coroutines."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = await continuation(details)
+        return self.inner.intercept_service(lambda _: handler, details)
+
+
+def behaviour_of(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
+    """The function a handler runs."""
+    return (handler.unary_unary or handler.unary_stream or handler.stream_unary
+            or handler.stream_stream)
 
 
 def like(handler: grpc.RpcMethodHandler, behaviour: Callable[..., Any]) -> grpc.RpcMethodHandler:

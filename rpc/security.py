@@ -8,12 +8,13 @@ Health checks stay open so orchestrators can probe. Tokens are compared in const
 from __future__ import annotations
 
 import hmac
+import inspect
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from rpc.errors import like
+from rpc.errors import behaviour_of, like
 
 # A role may call what it names and what the roles after it may call.
 ROLES = {"admin": {"admin", "ingest", "viewer"}, "ingest": {"ingest", "viewer"},
@@ -40,6 +41,13 @@ def load_tokens(path: Path) -> list[tuple[bytes, str]]:
 
 def _deny(handler: grpc.RpcMethodHandler, code: grpc.StatusCode,
           message: str) -> grpc.RpcMethodHandler:
+    behaviour = behaviour_of(handler)
+    if inspect.iscoroutinefunction(behaviour) or inspect.isasyncgenfunction(behaviour):
+        async def abort_async(_: Any, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(code, message)
+
+        return like(handler, abort_async)
+
     def abort(_: Any, context: grpc.ServicerContext) -> None:
         context.abort(code, message)
 

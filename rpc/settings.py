@@ -28,7 +28,7 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = field(default=0, metadata={"help": "gRPC port (0 = pick a free one)"})
     metrics_port: int = field(default=0, metadata={"help": "Prometheus HTTP port (0 = off)"})
-    max_workers: int = 32
+    max_workers: int = 32  # the sync server's pool (the ranking service runs on asyncio)
     max_concurrent_rpcs: int = 256
     max_message_bytes: int = 4 * MiB
     max_id_length: int = Limits.max_id_length
