@@ -2,11 +2,12 @@
 
 A ScoredItem is its item's id, title, genres and year (the same in every response of a
 snapshot), a score and a reason. A protobuf message is a concatenation of its fields, so
-an item's fixed part is encoded once (lazily, per snapshot), a reason once per kind and
-anchor, and a response is joined from those and each score's 5 bytes: 9.5 µs for a
-10-item RecommendResponse against 39 µs with the message API (in-process medians, 100k
-catalog). The bytes parse as the generated messages (tested against the message API) and
-go out unchanged (`add_ranking_service`).
+all of an item's field but the score is encoded once (lazily, per snapshot, for each
+reason and anchor it is given with), and a response is joined from those and each
+score's 4 bytes: ~7 µs for a 10-item RecommendResponse, against 13-18 µs when each
+item's parts were joined per response and 39 µs with the message API (warm in-process
+loops, 100k catalog). The bytes parse as the generated messages (tested against the
+message API) and go out unchanged (`add_ranking_service`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ REASONS = {TASTE: (Kind.TASTE, "Matches your taste"),
            NEW: (Kind.NEW_RELEASE, "New release")}
 _SCORE = b"\x15"  # ScoredItem.score: field 2, 32-bit
 _FLOAT = struct.Struct("<f")
+MAX_CACHED = 100_000  # encoded items kept per snapshot (~300 B each with their keys)
 
 
 def _varint(value: int) -> bytes:
@@ -74,35 +76,39 @@ def to_reason(live: LiveCatalog, scored: Scored) -> ranking_pb2.Reason:
 
 
 class Encoder:
-    """Encodes the responses of one snapshot, caching each of its items' and reasons' bytes
-    (a live item's are made per response: its row means another item in another segment)."""
+    """Encodes the responses of one snapshot, caching each item's bytes per field, reason
+    and anchor: all but its score (a live item's are made per response)."""
 
     def __init__(self, catalog: CatalogSnapshot) -> None:
         self.catalog = catalog
-        self._items: dict[int, bytes] = {}
-        self._reasons: dict[tuple[str, int], bytes] = {}
+        # (field, row, reason, anchor) -> the bytes before and after the score
+        self._heads: dict[tuple[int, int, str, int], tuple[bytes, bytes]] = {}
         self._model_version = catalog.model_version.encode()
 
     def items(self, number: int, scored: Sequence[Scored], live: LiveCatalog) -> bytes:
         """The items as repeated field `number` of a message."""
-        return b"".join(_field(number, self._item(s, live)) for s in scored)
+        return b"".join([self._item(number, s, live) for s in scored])
 
-    def _item(self, s: Scored, live: LiveCatalog) -> bytes:
-        offset = live.segment.offset
-        fixed = self._items.get(s.row)
-        if fixed is None:
-            item = live.item(s.row)
-            fixed = ranking_pb2.ScoredItem(item_id=item.item_id, title=item.title,
-                                           genres=item.genres, year=item.year,
-                                           ).SerializeToString()
-            if s.row < offset:
-                self._items[s.row] = fixed
-        reason = self._reasons.get((s.reason, s.anchor))
-        if reason is None:
-            reason = _field(6, to_reason(live, s).SerializeToString())
-            if s.anchor < offset:
-                self._reasons[(s.reason, s.anchor)] = reason
-        return fixed + _SCORE + _FLOAT.pack(s.score) + reason
+    def _item(self, number: int, s: Scored, live: LiveCatalog) -> bytes:
+        """One item as field `number`: its cached head (the field's tag and length, the
+        item's fixed fields, the score's tag), the score, its cached reason."""
+        key = (number, s.row, s.reason, s.anchor)
+        parts = self._heads.get(key)
+        if parts is None:
+            parts = self._parts(number, s, live)
+        return parts[0] + _FLOAT.pack(s.score) + parts[1]
+
+    def _parts(self, number: int, s: Scored, live: LiveCatalog) -> tuple[bytes, bytes]:
+        item = live.item(s.row)
+        fixed = ranking_pb2.ScoredItem(item_id=item.item_id, title=item.title,
+                                       genres=item.genres, year=item.year).SerializeToString()
+        reason = _field(6, to_reason(live, s).SerializeToString())
+        length = len(fixed) + len(_SCORE) + _FLOAT.size + len(reason)
+        parts = (_varint(number << 3 | 2) + _varint(length) + fixed + _SCORE, reason)
+        offset = live.segment.offset  # a live row means another item in another segment
+        if s.row < offset and s.anchor < offset and len(self._heads) < MAX_CACHED:
+            self._heads[(number, s.row, s.reason, s.anchor)] = parts
+        return parts
 
     def recommend(self, live: LiveCatalog, scored: Sequence[Scored], source: int,
                   user: UserState) -> bytes:

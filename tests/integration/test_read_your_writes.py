@@ -50,6 +50,24 @@ def test_a_version_never_reached_is_deadline_exceeded_at_the_deadline(
     assert "is at version" in (error.value.details() or "") and 0.6 < elapsed < 1.5
 
 
+def test_waiting_reads_hold_up_no_other_call(ranking: RunningRanking) -> None:
+    # The handlers share one event loop per process: a read waiting for a version sleeps
+    # on it, so calls keep being answered while 8 of them wait.
+    waiting = [ranking.stub.Recommend.future(ranking_pb2.RecommendRequest(
+        user_id="u4", k=3, min_user_version=10**9), timeout=1.5) for _ in range(8)]
+    time.sleep(0.1)
+    started = time.monotonic()
+    for _ in range(20):
+        assert len(ranking.stub.Recommend(ranking_pb2.RecommendRequest(user_id="u1", k=3),
+                                          timeout=5).items) == 3
+    assert time.monotonic() - started < 1.0  # not behind the waits (1.5 s each)
+    assert all(not w.done() for w in waiting)
+    for wait in waiting:
+        with pytest.raises(grpc.RpcError) as error:
+            wait.result()
+        assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 def test_without_a_deadline_the_wait_is_bounded_by_the_server(fresh_data_dir: Path) -> None:
     ranking = RunningRanking(ranking_settings(fresh_data_dir, max_version_wait_s=0.3))
     try:

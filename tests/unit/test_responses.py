@@ -12,6 +12,7 @@ from index.catalog import CatalogSnapshot
 from index.live import LiveSegment
 from index.ranking import LiveCatalog, UserState
 from index.retrieval import LIKE, POPULAR, TASTE, TRENDING, WATCHED, Scored
+from ranking_service import responses
 from ranking_service.responses import Encoder, encoder, to_reason
 from recsys.v1 import ranking_pb2
 
@@ -98,3 +99,16 @@ def test_one_encoder_per_snapshot(live: LiveCatalog) -> None:
     assert reason.text == f"Because you watched {catalog.titles[5]}"
     with pytest.raises(KeyError):
         encoder(catalog).recommend(live, [Scored(3, 1.0, "no-such-reason")], 1, UserState(1))
+
+
+def test_the_cache_is_bounded_and_a_full_one_still_encodes(
+    live: LiveCatalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(responses, "MAX_CACHED", 3)
+    fresh = Encoder(live.catalog)
+    items = [Scored(row, 0.5, TASTE) for row in range(6)]
+    first = fresh.recommend(live, items, 1, UserState(1))
+    assert fresh.recommend(live, items, 1, UserState(1)) == first  # 3 cached, 3 made again
+    assert len(fresh._heads) == 3
+    assert [i.item_id for i in ranking_pb2.RecommendResponse.FromString(first).items] == \
+        [live.catalog.item_ids[row] for row in range(6)]
