@@ -67,6 +67,33 @@ def reach(rows: np.ndarray, scores: np.ndarray, played: np.ndarray,
 
 
 @numba.njit(cache=True, nogil=True)
+def recent_known(rows: np.ndarray, last_at: np.ndarray,
+                 recent: int) -> tuple[np.ndarray, np.ndarray]:
+    """The latest `recent` known plays (`rows` >= 0), newest first (ties: in record order),
+    and for each the number of plays strictly newer (`neighbours.recent_plays`)."""
+    known = np.flatnonzero(rows >= 0)
+    latest = known[np.argsort(-last_at[known], kind="mergesort")[:recent]]
+    played = np.empty(latest.shape[0], np.int64)
+    later = np.zeros(latest.shape[0], np.int64)
+    for i in range(latest.shape[0]):
+        played[i] = rows[latest[i]]
+        if i and last_at[latest[i]] == last_at[latest[i - 1]]:
+            later[i] = later[i - 1]  # the same time: as many newer plays as the one before
+        else:
+            later[i] = i
+    return played, later
+
+
+@numba.njit(cache=True, nogil=True)
+def clear_rows(bitmap: np.ndarray, rows: np.ndarray) -> None:
+    """Clear the rows' bits of a bitmap in place (IndexError for a row outside it)."""
+    for row in rows:
+        if row < 0 or row >> 3 >= bitmap.shape[0]:
+            raise IndexError("row outside the bitmap")
+        bitmap[row >> 3] &= np.uint8(0xFF ^ (1 << (row & 7)))
+
+
+@numba.njit(cache=True, nogil=True)
 def mix(vector: np.ndarray, neighbour: np.ndarray,
         weight: float) -> tuple[np.ndarray, np.ndarray]:
     """Both scores of the same items on one scale, then mixed:
@@ -201,4 +228,6 @@ def warm_up() -> None:
     blend_top(found, sums, anchors, np.zeros(0, np.uint8), 1, np.zeros(0, np.int64),
               factors, factors, 8, vector, 0.5, 1)
     live_top(factors, np.zeros(0, np.uint8), 0, vector, 1)
+    recent_known(readonly(np.zeros(1, np.int32)), readonly(np.zeros(1)), 1)
+    clear_rows(np.zeros(1, np.uint8), np.zeros(1, np.int64))
     live_top(readonly(np.zeros((2, 1), np.int8)), np.zeros(0, np.uint8), 0, vector, 1)

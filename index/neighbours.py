@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from index.kernels import reach, readonly
+from index.kernels import reach, readonly, recent_known
 
 MAX_K = 1000
 MAX_ENTRIES = 1 << 22  # a query's recent plays x neighbours
@@ -154,16 +154,13 @@ class Candidates:
 
 def recent_plays(rows: np.ndarray, last_at: np.ndarray, recent: int,
                  half_life_plays: float) -> tuple[np.ndarray, np.ndarray]:
-    """A user's latest `recent` known plays (newest first) and their recency weights,
-    ``0.5 ** (later / half_life_plays)``, `later` counting the plays after it (plays at the
-    same time weigh the same; 0 = no decay)."""
-    known = np.flatnonzero(rows >= 0)
-    latest = known[np.argsort(-last_at[known], kind="stable")[:recent]]
+    """A user's latest `recent` known plays (newest first; `rows` < 0 are unknown) and their
+    recency weights, ``0.5 ** (later / half_life_plays)``, `later` counting the plays after
+    it (plays at the same time weigh the same; 0 = no decay)."""
+    played, later = recent_known(rows, last_at, recent)
     if half_life_plays <= 0:
-        return rows[latest].astype(np.int64), np.ones(len(latest))
-    newest_first = -last_at[latest]
-    later = np.searchsorted(newest_first, newest_first, side="left")
-    return rows[latest].astype(np.int64), 0.5 ** (later / half_life_plays)
+        return played, np.ones(len(played))
+    return played, 0.5 ** (later / half_life_plays)
 
 
 def candidates(neighbours: Neighbours, played: np.ndarray, weights: np.ndarray) -> Candidates:

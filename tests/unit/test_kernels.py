@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from index.filters import pack
-from index.kernels import blend_top, live_top, mix, reach, readonly
+from index.kernels import blend_top, clear_rows, live_top, mix, reach, readonly
+from index.neighbours import recent_plays
 
 
 def _reference(found: list[int], sums: list[float], anchors: list[int], mask: list[bool],
@@ -136,3 +138,45 @@ def test_reach_is_its_statement(n_items: int, k: int, data: st.DataObject) -> No
     assert found.tolist() == list(order)
     assert sums.tolist() == [sum(c for c, _ in parts) for parts in order.values()]
     assert anchors.tolist() == [max(parts, key=lambda p: p[0])[1] for parts in order.values()]
+
+
+def _recent_statement(rows: np.ndarray, last_at: np.ndarray, recent: int,
+                      half_life: float) -> tuple[np.ndarray, np.ndarray]:
+    """The rule in numpy: stable newest-first order of the known plays, the first `recent`;
+    weight 0.5 ** (plays strictly newer / half_life), 1 without decay."""
+    known = np.flatnonzero(rows >= 0)
+    latest = known[np.argsort(-last_at[known], kind="stable")[:recent]]
+    if half_life <= 0:
+        return rows[latest].astype(np.int64), np.ones(len(latest))
+    newest_first = -last_at[latest]
+    later = np.searchsorted(newest_first, newest_first, side="left")
+    return rows[latest].astype(np.int64), 0.5 ** (later / half_life)
+
+
+@settings(max_examples=300, deadline=None)
+@given(plays=st.lists(st.tuples(st.integers(-1, 50), st.sampled_from([0.0, 1.0, 2.5, 7.0, 1e9])),
+                      max_size=40),
+       recent=st.integers(1, 25), half_life=st.sampled_from([0.0, 1.0, 3.0, 10.0]))
+def test_recent_plays_is_the_statement(plays: list[tuple[int, float]], recent: int,
+                                       half_life: float) -> None:
+    rows = readonly(np.array([r for r, _ in plays], np.int32))
+    last_at = readonly(np.array([t for _, t in plays], np.float64))
+    played, weights = recent_plays(rows, last_at, recent, half_life)
+    want_played, want_weights = _recent_statement(rows, last_at, recent, half_life)
+    assert played.tolist() == want_played.tolist()
+    assert weights.tolist() == want_weights.tolist()
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(1, 100), data=st.data())
+def test_clear_rows_clears_exactly_those_bits(n: int, data: st.DataObject) -> None:
+    start = data.draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    rows = data.draw(st.lists(st.integers(0, n - 1), max_size=30))
+    bitmap = pack(np.array(start))
+    clear_rows(bitmap, np.array(rows, np.int64))
+    expected = np.array(start)
+    expected[rows] = False
+    assert bitmap.tolist() == pack(expected).tolist()
+    for outside in (-1, len(bitmap) * 8):
+        with pytest.raises(IndexError):
+            clear_rows(bitmap, np.array([outside], np.int64))
