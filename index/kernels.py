@@ -228,6 +228,6 @@ def warm_up() -> None:
     blend_top(found, sums, anchors, np.zeros(0, np.uint8), 1, np.zeros(0, np.int64),
               factors, factors, 8, vector, 0.5, 1)
     live_top(factors, np.zeros(0, np.uint8), 0, vector, 1)
+    live_top(readonly(np.zeros((2, 1), np.int8)), np.zeros(0, np.uint8), 0, vector, 1)
     recent_known(readonly(np.zeros(1, np.int32)), readonly(np.zeros(1)), 1)
     clear_rows(np.zeros(1, np.uint8), np.zeros(1, np.int64))
-    live_top(readonly(np.zeros((2, 1), np.int8)), np.zeros(0, np.uint8), 0, vector, 1)
