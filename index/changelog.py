@@ -109,17 +109,23 @@ def decode(payload: bytes) -> Iterator[Op]:
         raise ChangelogError(f"malformed changelog message: {exc}") from exc
 
 
-def replay(writer: StoreWriter, payload: bytes, users_only: bool = False) -> int:
+def replay(writer: StoreWriter, payload: bytes, users_only: bool = False,
+           changes: dict[str, tuple[UserRecord | None, UserRecord]] | None = None) -> int:
     """Apply a payload's ops in this txn; how many user records it wrote.
 
     `users_only` (a ranking replica) keeps records, item counts and meta, not the
-    dedupe and rejection state that only the owner of a shard needs.
+    dedupe and rejection state that only the owner of a shard needs. `changes`, if given,
+    gets each written user's record before the payload and after it.
     """
     users = 0
     for tag, values in list(decode(payload)):  # decode all first: a bad message writes nothing
         if tag == b"U":
             user_id, raw = values
-            UserRecord.decode(user_id, raw)  # refuse a record that does not decode
+            record = UserRecord.decode(user_id, raw)  # refuse a record that does not decode
+            if changes is not None:
+                before = changes[user_id][0] if user_id in changes else \
+                    writer.get_user(user_id)
+                changes[user_id] = (before, record)
             writer.txn.put(user_id.encode("utf-8"), raw, db=writer.dbs["users"])
             users += 1
         elif tag == b"C":

@@ -487,12 +487,13 @@ def learn(writer: StoreWriter, catalog: CatalogSnapshot, plays: Mapping[str, lis
     return list(changed)
 
 
-def refold_items(writer: StoreWriter, catalog: CatalogSnapshot) -> int:
+def refold_items(writer: StoreWriter, catalog: CatalogSnapshot,
+                 waiting: set[str] | None = None) -> int:
     """Recompute the live items of another model under this one (after a model change):
     its vector from its viewers' current vectors (none: the content start), its co-visits
     from their histories, once every viewer is re-folded (until then it is served with
-    its content start). Items the snapshot now has drop their statistics and plays. How
-    many items were recomputed."""
+    its content start, and its id goes into `waiting`). Items the snapshot now has drop
+    their statistics and plays. How many items were recomputed."""
     redone = []
     for key, raw in list(writer.scan("live_items")):
         item_id = key.decode("utf-8")
@@ -509,6 +510,8 @@ def refold_items(writer: StoreWriter, catalog: CatalogSnapshot) -> int:
                    for plays_key, raw_plays in viewers]
         if any(r is not None and r.model_version != catalog.model_version
                for r, _ in records):
+            if waiting is not None:
+                waiting.add(item_id)
             continue  # a viewer is not re-folded yet: again later
         live = live.under(catalog)
         stats = ItemStats.empty(catalog.model_version, catalog.dim)

@@ -34,7 +34,7 @@ from eventlog import snapshots
 from eventlog.config import LogConfig
 from eventlog.jetstream import Loop, close, commit_stand, connect, ensure_log
 from index.catalog import CatalogSnapshot
-from index.changelog import CHANGELOG_KEY, POSITION_KEY, ChangelogError, decode, replay
+from index.changelog import CHANGELOG_KEY, POSITION_KEY, ChangelogError, replay
 from index.follower import SnapshotFollower
 from index.live import (
     apply_message,
@@ -214,32 +214,33 @@ class Replica:
                 seq = msg.metadata.sequence.stream
                 if seq <= done[partition]:
                     continue  # in the snapshot this replica started from
-                users = [values[0] for tag, values in decode(msg.data) if tag == b"U"] \
-                    if live_ids else []
-                before = {u: writer.get_user(u) for u in users}
-                replay(writer, msg.data, users_only=True)
-                if users:
-                    self._learn(writer, catalog, before, live_ids)
+                changes: dict[str, tuple[UserRecord | None, UserRecord]] | None = \
+                    {} if live_ids else None
+                replay(writer, msg.data, users_only=True, changes=changes)
+                if changes:
+                    self._learn(writer, catalog, changes, live_ids)
                 writer.put_meta(position_key(partition), str(position))
                 writer.put_meta(changelog_key(partition), str(seq))
                 done[partition] = seq
             writer.put_meta(FOLLOWED_KEY, str(msgs[-1].metadata.sequence.stream))
+            waiting.clear()
             if self._stale_items:
-                refold_items(writer, catalog)
+                refold_items(writer, catalog, waiting)
 
+        waiting: set[str] = set()
         self.store.transact(work)
-        self._stale_items = self._stale_items and _any_stale(self.store, catalog)
+        self._stale_items = self._stale_items and bool(waiting)
         self._changelog = done
         self.applied += len(msgs)
 
     @staticmethod
     def _learn(writer: StoreWriter, catalog: CatalogSnapshot,
-               before: dict[str, UserRecord | None], live_ids: set[str]) -> None:
+               changes: dict[str, tuple[UserRecord | None, UserRecord]],
+               live_ids: set[str]) -> None:
         """The plays of live items in the records a changelog message wrote, learned."""
-        after = {u: writer.get_user(u) for u in before}
-        records = {u: catalog.fit(r) for u, r in after.items() if r is not None}
+        records = {u: catalog.fit(after) for u, (_, after) in changes.items()}
         plays = {u: p for u, r in records.items()
-                 if (p := plays_between(before[u], r, live_ids))}
+                 if (p := plays_between(changes[u][0], r, live_ids))}
         if plays:
             learn(writer, catalog, plays, records)
 
@@ -257,12 +258,6 @@ class Replica:
         for sub in (self._sub, self._catalog_sub):
             await sub.unsubscribe()
         await close(self.client)
-
-
-def _any_stale(store: UserStore, catalog: CatalogSnapshot) -> bool:
-    """Whether a live item the snapshot lacks is of another model (not re-folded yet)."""
-    return any(item_id not in catalog.item_index and live.model_version != catalog.model_version
-               for item_id, live in read_items(store).items())
 
 
 def _entries(msgs: list[Msg]) -> Iterator[tuple[Msg, int, int]]:

@@ -81,10 +81,10 @@ class ErrorBoundary(grpc.ServerInterceptor):
 
     def _wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         behaviour = behaviour_of(handler)
-        if inspect.iscoroutinefunction(behaviour) and not handler.response_streaming:
-            return like(handler, self._async_unary(behaviour))  # on the asyncio server
-        if inspect.iscoroutinefunction(behaviour) or inspect.isasyncgenfunction(behaviour):
-            return handler  # the asyncio server's own streams (health, reflection)
+        if on_asyncio(handler):
+            if handler.response_streaming:
+                return handler  # the asyncio server's own streams (health, reflection)
+            return like(handler, self._async_unary(behaviour))
         wrap = self._streaming if handler.response_streaming else self._unary
         return like(handler, wrap(behaviour))
 
@@ -139,6 +139,12 @@ def behaviour_of(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
     """The function a handler runs."""
     return (handler.unary_unary or handler.unary_stream or handler.stream_unary
             or handler.stream_stream)
+
+
+def on_asyncio(handler: grpc.RpcMethodHandler) -> bool:
+    """Whether a handler is the asyncio server's (a coroutine or async generator)."""
+    behaviour = behaviour_of(handler)
+    return inspect.iscoroutinefunction(behaviour) or inspect.isasyncgenfunction(behaviour)
 
 
 def like(handler: grpc.RpcMethodHandler, behaviour: Callable[..., Any]) -> grpc.RpcMethodHandler:

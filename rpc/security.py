@@ -8,13 +8,12 @@ Health checks stay open so orchestrators can probe. Tokens are compared in const
 from __future__ import annotations
 
 import hmac
-import inspect
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from rpc.errors import behaviour_of, like
+from rpc.errors import like, on_asyncio
 
 # A role may call what it names and what the roles after it may call.
 ROLES = {"admin": {"admin", "ingest", "viewer"}, "ingest": {"ingest", "viewer"},
@@ -41,8 +40,7 @@ def load_tokens(path: Path) -> list[tuple[bytes, str]]:
 
 def _deny(handler: grpc.RpcMethodHandler, code: grpc.StatusCode,
           message: str) -> grpc.RpcMethodHandler:
-    behaviour = behaviour_of(handler)
-    if inspect.iscoroutinefunction(behaviour) or inspect.isasyncgenfunction(behaviour):
+    if on_asyncio(handler):
         async def abort_async(_: Any, context: grpc.aio.ServicerContext) -> None:
             await context.abort(code, message)
 
