@@ -109,6 +109,6 @@ def test_the_cache_is_bounded_and_a_full_one_still_encodes(
     items = [Scored(row, 0.5, TASTE) for row in range(6)]
     first = fresh.recommend(live, items, 1, UserState(1))
     assert fresh.recommend(live, items, 1, UserState(1)) == first  # 3 cached, 3 made again
-    assert len(fresh._heads) == 3
+    assert len(fresh._fixed) == 3 and len(fresh._reasons) == 1
     assert [i.item_id for i in ranking_pb2.RecommendResponse.FromString(first).items] == \
         [live.catalog.item_ids[row] for row in range(6)]
