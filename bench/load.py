@@ -11,7 +11,9 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import time
+from collections.abc import Iterator
 from concurrent import futures
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -101,16 +103,29 @@ class _Echo(ranking_pb2_grpc.RankingServiceServicer):
         return ranking_pb2.RecommendResponse()
 
 
-def echo_floor(clients: list[int], seconds: float) -> list[dict[str, Any]]:
-    """The floor of a Python gRPC round trip: an empty Recommend answer, same client code."""
+@contextmanager
+def echo_server() -> Iterator[str]:
+    """The floor's server (an empty Recommend answer) for the `with` block: its target."""
     server = grpc.server(futures.ThreadPoolExecutor(16))
     ranking_pb2_grpc.add_RankingServiceServicer_to_server(_Echo(), server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        return [drive(f"127.0.0.1:{port}", "Recommend", ["u"], n, seconds) for n in clients]
+        yield f"127.0.0.1:{port}"
     finally:
         server.stop(0)
+
+
+def echo_floor(target: str, clients: list[int], seconds: float) -> list[dict[str, Any]]:
+    """The floor of a Python gRPC round trip at each client count, same client code."""
+    return [drive(target, "Recommend", ["u"], n, seconds) for n in clients]
+
+
+def beside_echo(run: dict[str, Any], echo: str, seconds: float) -> dict[str, Any]:
+    """The run with the echo floor measured right after it at its client count (`echo`):
+    on a shared machine a floor measured minutes apart is another machine's."""
+    floor = drive(echo, "Recommend", ["u"], run["clients"], seconds)
+    return {**run, "echo": {k: floor[k] for k in ("p50_ms", "p99_ms", "requests_per_s")}}
 
 
 def exact_floor(catalog: CatalogSnapshot, vectors: np.ndarray) -> dict[str, float]:

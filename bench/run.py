@@ -4,7 +4,8 @@ For each catalog (MovieLens-100K, synthetic 100k and 1M items, d=64; built once 
 bench/data/), the real event and ranking services are started on a copy of its data dir
 and driven from client processes (then again beside 10,000 live items, `bench.live`).
 Floors measured in the same run: a minimal grpcio echo
-server and exact numpy search. Results: bench/results/<UTC time>.json, a Markdown table
+server (first, and again right after each 1- and 16-client run: the ratios are read against
+that one) and exact numpy search. Results: bench/results/<UTC time>.json, a Markdown table
 (printed and written beside it) and a PNG (latency CDFs, throughput vs clients).
 `--quick` (make bench QUICK=1) runs MovieLens-100K only with short stages, in about a minute.
 """
@@ -46,6 +47,7 @@ CATALOGS = {
                      "--per-user", "50", "--index", "hnsw", "--neighbour-window", "10"],
 }
 CLIENTS = [1, 4, 16]
+PAIRED = (1, 16)  # the client counts whose figures are read against the echo's
 LIVE_ITEMS = 10_000  # put through ItemService for the live-segment stage
 FULL_USERS = {False: 10_000, True: 1_000}  # users prefilled to the cap, full and quick runs
 
@@ -99,8 +101,9 @@ def user_sample(data_dir: Path, catalog: CatalogSnapshot, n: int) -> tuple[list[
     return keys, np.stack(vectors)
 
 
-def measure(name: str, data_dir: Path, quick: bool, port: int) -> dict[str, Any]:
-    """Every stage for one catalog, against services on a working copy."""
+def measure(name: str, data_dir: Path, quick: bool, port: int, echo: str) -> dict[str, Any]:
+    """Every stage for one catalog, against services on a working copy; the 1- and
+    16-client runs each with the echo floor right after it (`echo`: its target)."""
     seconds, scale = (2.0, 0.05) if quick else (8.0, 1.0)
     catalog = CatalogSnapshot.load(snapshots_dir(data_dir))
     users, vectors = user_sample(data_dir, catalog, 5000)
@@ -120,9 +123,11 @@ def measure(name: str, data_dir: Path, quick: bool, port: int) -> dict[str, Any]
         target, events_target = f"127.0.0.1:{port}", f"127.0.0.1:{events_port}"
         try:
             for rpc in load.RPCS:
-                result[rpc] = [stage(f"{rpc}, {n} clients",
-                                     functools.partial(load.drive, target, rpc, users, n,
-                                                       seconds)) for n in CLIENTS]
+                result[rpc] = [stage(f"{rpc}, {n} clients", functools.partial(
+                    load.drive, target, rpc, users, n, seconds)) for n in CLIENTS]
+                result[rpc] = [stage(f"echo beside it, {run['clients']} clients",
+                                     functools.partial(load.beside_echo, run, echo, seconds))
+                               if run["clients"] in PAIRED else run for run in result[rpc]]
             result["live_catalog"] = stage(f"Recommend beside {LIVE_ITEMS:,} live items",
                                            lambda: live.suite(
                 events_target, target, users, catalog.manifest.genres, LIVE_ITEMS, seconds,
@@ -155,13 +160,14 @@ def main() -> None:
     seconds = 2.0 if args.quick else 8.0
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}, "quick": args.quick,
                                "catalogs": {}}
-    print("floors", file=sys.stderr)
-    results["floor_grpc_echo"] = stage("grpc echo server", lambda: load.echo_floor(CLIENTS,
-                                                                                   seconds))
-    for name in names:
-        print(name, file=sys.stderr)
-        results["catalogs"][name] = measure(name, prepared(name, args.data), args.quick,
-                                            args.port)
+    with load.echo_server() as echo:
+        print("floors", file=sys.stderr)
+        results["floor_grpc_echo"] = stage("grpc echo server", lambda: load.echo_floor(
+            echo, CLIENTS, seconds))
+        for name in names:
+            print(name, file=sys.stderr)
+            results["catalogs"][name] = measure(name, prepared(name, args.data), args.quick,
+                                                args.port, echo)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     args.out.mkdir(parents=True, exist_ok=True)
     table = report.markdown(results)
