@@ -124,7 +124,7 @@ def echo_floor(target: str, clients: list[int], seconds: float) -> list[dict[str
 def beside_echo(run: dict[str, Any], echo: str, seconds: float) -> dict[str, Any]:
     """The run with the echo floor measured right after it at its client count (`echo`):
     on a shared machine a floor measured minutes apart is another machine's."""
-    floor = drive(echo, "Recommend", ["u"], run["clients"], seconds)
+    (floor,) = echo_floor(echo, [run["clients"]], seconds)
     return {**run, "echo": {k: floor[k] for k in ("p50_ms", "p99_ms", "requests_per_s")}}
 
 
