@@ -239,8 +239,8 @@ class Replica:
                live_ids: set[str]) -> None:
         """The plays of live items in the records a changelog message wrote, learned."""
         records = {u: catalog.fit(after) for u, (_, after) in changes.items()}
-        plays = {u: p for u, r in records.items()
-                 if (p := plays_between(changes[u][0], r, live_ids))}
+        plays = {u: p for u, (before, _) in changes.items()
+                 if (p := plays_between(before, records[u], live_ids))}
         if plays:
             learn(writer, catalog, plays, records)
 
