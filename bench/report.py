@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.load import RPCS
+from bench.load import LADDER
 from index.files import atomic_write
 
 
@@ -25,18 +25,27 @@ def _ms(stats: dict[str, Any]) -> str:
     return f"{stats.get('p50_ms', float('nan')):.2f} / {stats.get('p99_ms', float('nan')):.2f}"
 
 
+def _cpu(stats: dict[str, Any]) -> str:
+    return f"{stats.get('server_cpu_ms_per_call', float('nan')):.2f} + " \
+        f"{stats.get('client_cpu_ms_per_call', float('nan')):.2f}"
+
+
 def markdown(results: dict[str, Any]) -> str:
     """One table per topic, figures as measured (2 cores, loopback)."""
     echo = {r["clients"]: r for r in results["floor_grpc_echo"]}
     lines = [f"Machine: {results['machine']['cpus']} cores. Latency p50 / p99 in ms; x echo: "
              "1-client p50 over the echo floor's, 16-client req/s as a share of its, each "
-             "against the echo measured right after it (its figures in the last columns).", "",
+             "against the echo measured right after it (its figures in the last columns). "
+             f"{LADDER[0]}: the same server answering every call with its first answer (the "
+             "serving stack without the work). CPU: ms per call at 16 clients, the server's "
+             "processes + the clients' (the 2 cores are shared by both).", "",
              "| catalog | items | index | recall@10 | exact search (floor) | RPC | "
              "1 client | x echo | 4 clients req/s | 16 clients req/s | of echo | "
-             "16 clients p50 / p99 | errors | echo beside: 1 client p50, 16 clients req/s |",
-             "|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+             "16 clients p50 / p99 | CPU | errors | echo beside: 1 client p50, 16 clients "
+             "req/s, CPU |",
+             "|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for name, c in results["catalogs"].items():
-        for rpc in (r for r in RPCS if r in c):
+        for rpc in (r for r in LADDER if r in c):
             runs = {r["clients"]: r for r in c[rpc]}
             one, sixteen = (runs[n].get("echo", echo[n]) for n in (1, 16))
             errors = sum(sum(r["errors"].values()) for r in c[rpc])
@@ -45,11 +54,13 @@ def markdown(results: dict[str, Any]) -> str:
                          f"{runs[1]['p50_ms'] / one['p50_ms']:.2f} | "
                          f"{runs[4]['requests_per_s']:,} | {runs[16]['requests_per_s']:,} | "
                          f"{runs[16]['requests_per_s'] / sixteen['requests_per_s']:.0%} | "
-                         f"{_ms(runs[16])} | {errors} | "
-                         f"{one['p50_ms']:.2f}, {sixteen['requests_per_s']:,} |")
+                         f"{_ms(runs[16])} | {_cpu(runs[16])} | {errors} | "
+                         f"{one['p50_ms']:.2f}, {sixteen['requests_per_s']:,}, "
+                         f"{_cpu(sixteen)} |")
     lines.append(f"| grpc echo (floor), first | | | | | empty Recommend | {_ms(echo[1])} | 1.00 | "
                  f"{echo[4]['requests_per_s']:,} | {echo[16]['requests_per_s']:,} | 100% | "
-                 f"{_ms(echo[16])} | {sum(sum(r['errors'].values()) for r in echo.values())} | |")
+                 f"{_ms(echo[16])} | {_cpu(echo[16])} | "
+                 f"{sum(sum(r['errors'].values()) for r in echo.values())} | |")
     lines += ["", "Recommend (1 client) beside live items: alternating runs without and with "
               "them, medians of the runs' p50:", "", "| catalog | live items | rounds | "
               "p50 without (ms) | p50 with (ms) | with / without | put -> served on every "
@@ -101,7 +112,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     tput.plot([r["clients"] for r in echo], [r["requests_per_s"] for r in echo], "k--",
               label="grpc echo (floor)")
     for name, c in results["catalogs"].items():
-        for rpc in (r for r in RPCS if r in c):
+        for rpc in (r for r in LADDER if r in c):
             _cdf(cdf, c[rpc][0].get("_latencies", []), f"{name} {rpc}")
             tput.plot([r["clients"] for r in c[rpc]], [r["requests_per_s"] for r in c[rpc]],
                       marker="o", label=f"{name} {rpc}")

@@ -2,7 +2,9 @@
 
 For each catalog (MovieLens-100K, synthetic 100k and 1M items, d=64; built once into
 bench/data/), the real event and ranking services are started on a copy of its data dir
-and driven from client processes (then again beside 10,000 live items, `bench.live`).
+and driven from client processes (then again beside 10,000 live items, `bench.live`); then
+the same service with every Recommend answered by its first answer (`bench.fixed_answer`),
+so a run shows what the serving stack costs apart from the work.
 Floors measured in the same run: a minimal grpcio echo
 server (first, and again right after each 1- and 16-client run: the ratios are read against
 that one) and exact numpy search. Results: bench/results/<UTC time>.json, a Markdown table
@@ -30,7 +32,7 @@ import numpy as np
 
 from bench import freshness, ingest, live, load, report
 from bench.prefill import prefill
-from bench.services import start_process, stop
+from bench.services import start_command, start_process, stop
 from index import snapshots_dir, users_dir
 from index.catalog import CatalogSnapshot
 from index.files import atomic_write
@@ -123,11 +125,18 @@ def measure(name: str, data_dir: Path, quick: bool, port: int, echo: str) -> dic
         target, events_target = f"127.0.0.1:{port}", f"127.0.0.1:{events_port}"
         try:
             for rpc in load.RPCS:
-                result[rpc] = [stage(f"{rpc}, {n} clients", functools.partial(
-                    load.drive, target, rpc, users, n, seconds)) for n in CLIENTS]
-                result[rpc] = [stage(f"echo beside it, {run['clients']} clients",
-                                     functools.partial(load.beside_echo, run, echo, seconds))
-                               if run["clients"] in PAIRED else run for run in result[rpc]]
+                result[rpc] = clients_runs(target, ranking.pid, rpc, users, seconds, echo)
+            fixed, fixed_port = stage("starting the fixed answer's ranking (2 workers)",
+                                      lambda: start_command(
+                [sys.executable, "-m", "bench.fixed_answer", "--data-dir", str(copy),
+                 "--port", str(port + 1), "--workers", "2"],
+                {**os.environ, "PYTHONPATH": os.getcwd()}, workers=2))
+            try:
+                result[load.FIXED_ANSWER] = clients_runs(
+                    f"127.0.0.1:{fixed_port}", fixed.pid, load.FIXED_ANSWER, users, seconds,
+                    echo)
+            finally:
+                stop([fixed])
             result["live_catalog"] = stage(f"Recommend beside {LIVE_ITEMS:,} live items",
                                            lambda: live.suite(
                 events_target, target, users, catalog.manifest.genres, LIVE_ITEMS, seconds,
@@ -144,6 +153,18 @@ def measure(name: str, data_dir: Path, quick: bool, port: int, echo: str) -> dic
         finally:
             stop([ranking, events])
     return result
+
+
+def clients_runs(target: str, pid: int, rpc: str, users: list[str], seconds: float,
+                 echo: str) -> list[dict[str, Any]]:
+    """`rpc` at each client count against the server at `target` (process `pid` and its
+    workers), the 1- and 16-client runs each with the echo right after it."""
+    server_cpu = functools.partial(load.cpu_seconds, pid)
+    runs = [stage(f"{rpc}, {n} clients", functools.partial(
+        load.drive, target, rpc, users, n, seconds, server_cpu)) for n in CLIENTS]
+    return [stage(f"echo beside it, {run['clients']} clients", functools.partial(
+        load.beside_echo, run, echo, seconds)) if run["clients"] in PAIRED else run
+        for run in runs]
 
 
 def main() -> None:
