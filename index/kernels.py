@@ -123,29 +123,36 @@ def _score(factors: np.ndarray, live: np.ndarray, offset: int, row: np.int64,
 
 
 @numba.njit(cache=True, nogil=True)
-def live_top(vectors: np.ndarray, bitmap: np.ndarray, first_byte: int, vector: np.ndarray,
-             k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The top k of the live segment's `vectors` (float32, or int8 codes) by the inner
-    product with `vector`, among the rows the bitmap allows (live row i is bit i of the
-    bitmap from byte `first_byte` on; an empty bitmap allows all): their positions and
-    scores, best first (ties: the earlier)."""
+def allowed_top(vectors: np.ndarray, bitmap: np.ndarray, first_byte: int, vector: np.ndarray,
+                k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The exact top k of `vectors` (float32, or int8 codes) by the inner product with
+    `vector`, among the rows the bitmap allows (row i is bit i of the bitmap from byte
+    `first_byte` on; an empty bitmap allows all): their positions and scores, best first
+    (ties: the earlier). Bytes with no bit set are skipped whole, and no row is copied: a
+    narrow filter's search of the snapshot, and the live segment's."""
     m = vectors.shape[0]
     best = np.empty(k, np.int64)
     best_scores = np.empty(k, np.float32)
     n = 0
-    for i in range(m):
-        if bitmap.shape[0] and not (bitmap[first_byte + (i >> 3)] >> (i & 7)) & 1:
+    every = bitmap.shape[0] == 0
+    for byte in range((m + 7) >> 3):
+        bits = np.uint8(0xFF) if every else bitmap[first_byte + byte]
+        if bits == 0:
             continue
-        score = _dot(vectors, np.int64(i), vector)
-        if n == k and score <= best_scores[k - 1]:
-            continue
-        at = n if n < k else k - 1  # insert, keeping the list sorted (k is small)
-        while at > 0 and best_scores[at - 1] < score:
-            if at < k:
-                best[at], best_scores[at] = best[at - 1], best_scores[at - 1]
-            at -= 1
-        best[at], best_scores[at] = i, score
-        n = min(n + 1, k)
+        for bit in range(min(8, m - (byte << 3))):
+            if not (bits >> bit) & 1:
+                continue
+            i = np.int64((byte << 3) + bit)
+            score = _dot(vectors, i, vector)
+            if n == k and score <= best_scores[k - 1]:
+                continue
+            at = n if n < k else k - 1  # insert, keeping the list sorted (k is small)
+            while at > 0 and best_scores[at - 1] < score:
+                if at < k:
+                    best[at], best_scores[at] = best[at - 1], best_scores[at - 1]
+                at -= 1
+            best[at], best_scores[at] = i, score
+            n = min(n + 1, k)
     return best[:n], best_scores[:n]
 
 
@@ -227,7 +234,7 @@ def warm_up() -> None:
     factors, vector = readonly(np.zeros((2, 1), np.float32)), readonly(np.zeros(1, np.float32))
     blend_top(found, sums, anchors, np.zeros(0, np.uint8), 1, np.zeros(0, np.int64),
               factors, factors, 8, vector, 0.5, 1)
-    live_top(factors, np.zeros(0, np.uint8), 0, vector, 1)
-    live_top(readonly(np.zeros((2, 1), np.int8)), np.zeros(0, np.uint8), 0, vector, 1)
+    allowed_top(factors, np.zeros(0, np.uint8), 0, vector, 1)
+    allowed_top(readonly(np.zeros((2, 1), np.int8)), np.zeros(0, np.uint8), 0, vector, 1)
     recent_known(readonly(np.zeros(1, np.int32)), readonly(np.zeros(1)), 1)
     clear_rows(np.zeros(1, np.uint8), np.zeros(1, np.int64))

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from index.filters import allows_rows, count, unpack
-from index.kernels import blend_top, live_top, readonly
+from index.filters import allows_rows, count
+from index.kernels import allowed_top, blend_top, readonly
 from index.neighbours import Candidates, Neighbours, candidates
 
 if TYPE_CHECKING:
@@ -155,9 +155,8 @@ class Retriever:
             ids = catalog.search(vector, k, allowed)[0][0]
             ids = ids[ids >= 0]
         if ids is None or len(ids) < min(k, budget):
-            rows = np.arange(len(catalog)) if allowed is None else \
-                np.flatnonzero(unpack(allowed, len(catalog)))
-            ids = self._ranked(vector, rows, k)[0]
+            ids = allowed_top(catalog.item_factors, _EVERY_ROW if allowed is None else allowed,
+                              0, _query_vector(vector), k)[0]
         segment = self.live.segment
         if not len(segment) or len(ids) >= k and segment.bound(vector) < float(
                 np.min(catalog.item_factors[ids[:k]] @ vector)):
@@ -170,7 +169,7 @@ class Retriever:
         best `LIVE_CANDIDATES` x k by the 8-bit codes, re-scored with the vectors."""
         segment = self.live.segment
         query = _query_vector(vector)
-        found, _ = live_top(segment.codes, _EVERY_ROW if allowed is None else allowed,
+        found, _ = allowed_top(segment.codes, _EVERY_ROW if allowed is None else allowed,
                             segment.offset // 8, readonly(query * segment.scale),
                             LIVE_CANDIDATES * k)
         scores = segment.vectors[found] @ query

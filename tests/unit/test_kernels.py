@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from index.filters import pack
-from index.kernels import blend_top, clear_rows, live_top, mix, reach, readonly
+from index.kernels import allowed_top, blend_top, clear_rows, mix, reach, readonly
 from index.neighbours import recent_plays
 
 
@@ -85,19 +85,19 @@ def test_an_empty_bitmap_allows_every_row() -> None:
 @settings(max_examples=200, deadline=None)
 @given(st.integers(0, 40), st.integers(1, 4), st.integers(0, 3), st.integers(1, 12),
        st.randoms(use_true_random=False))
-def test_live_top_is_the_exact_top_k_of_the_allowed_rows(m: int, dim: int, first_byte: int,
+def test_allowed_top_is_the_exact_top_k_of_the_allowed_rows(m: int, dim: int, first_byte: int,
                                                           k: int, rnd) -> None:  # type: ignore[no-untyped-def]
     vectors = np.array([[rnd.randint(-3, 3) for _ in range(dim)] for _ in range(m)],
                        np.float32).reshape(m, dim)
     vector = np.array([rnd.randint(-3, 3) for _ in range(dim)], np.float32)
     mask = [rnd.random() < 0.7 for _ in range(m)]
     bitmap = np.concatenate([np.zeros(first_byte, np.uint8), pack(np.array(mask, bool))])
-    rows, scores = live_top(readonly(vectors), bitmap, first_byte, readonly(vector), k)
+    rows, scores = allowed_top(readonly(vectors), bitmap, first_byte, readonly(vector), k)
     scored = [(float(vectors[i] @ vector), i) for i in range(m) if mask[i]]
     want = sorted(scored, key=lambda p: (-p[0], p[1]))[:k]
     assert rows.tolist() == [i for _, i in want]
     assert scores.tolist() == [s for s, _ in want]
-    every, _ = live_top(readonly(vectors), np.zeros(0, np.uint8), 0, readonly(vector), m or 1)
+    every, _ = allowed_top(readonly(vectors), np.zeros(0, np.uint8), 0, readonly(vector), m or 1)
     assert sorted(every.tolist()) == list(range(m))
 
 
