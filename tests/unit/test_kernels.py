@@ -83,14 +83,15 @@ def test_an_empty_bitmap_allows_every_row() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.integers(0, 40), st.integers(1, 4), st.integers(0, 3), st.integers(1, 12),
-       st.randoms(use_true_random=False))
+@given(st.integers(0, 100), st.integers(1, 4), st.integers(0, 3), st.integers(1, 12),
+       st.sampled_from([0.05, 0.3, 0.7, 1.0]), st.randoms(use_true_random=False))
 def test_allowed_top_is_the_exact_top_k_of_the_allowed_rows(m: int, dim: int, first_byte: int,
-                                                          k: int, rnd) -> None:  # type: ignore[no-untyped-def]
+                                                          k: int, density: float,
+                                                          rnd) -> None:  # type: ignore[no-untyped-def]
     vectors = np.array([[rnd.randint(-3, 3) for _ in range(dim)] for _ in range(m)],
                        np.float32).reshape(m, dim)
     vector = np.array([rnd.randint(-3, 3) for _ in range(dim)], np.float32)
-    mask = [rnd.random() < 0.7 for _ in range(m)]
+    mask = [rnd.random() < density for _ in range(m)]  # sparse ones skip whole bytes
     bitmap = np.concatenate([np.zeros(first_byte, np.uint8), pack(np.array(mask, bool))])
     rows, scores = allowed_top(readonly(vectors), bitmap, first_byte, readonly(vector), k)
     scored = [(float(vectors[i] @ vector), i) for i in range(m) if mask[i]]
