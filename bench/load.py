@@ -42,6 +42,7 @@ def percentiles(seconds: list[float]) -> dict[str, float]:
 RPCS = {"Recommend": "Recommend", "Recommend (vector)": "Recommend", "HomePage": "HomePage"}
 # Blended Recommends to `bench.fixed_answer`, which answers each with its first answer.
 FIXED_ANSWER = "Recommend (fixed answer)"
+_METHODS = {**RPCS, FIXED_ANSWER: "Recommend"}  # every name `drive` takes: the RPC it calls
 # The report's order: from the serving stack alone to the most work per call.
 LADDER = (FIXED_ANSWER, "Recommend (vector)", "Recommend", "HomePage")
 
@@ -57,7 +58,7 @@ def _request(name: str, user: str) -> Any:
 def _client_process(target: str, rpc: str, users: list[str], threads: int, seconds: float,
                     seed: int, go: Any, out: Any) -> None:
     stub = ranking_pb2_grpc.RankingServiceStub(grpc.insecure_channel(target))
-    call = getattr(stub, RPCS.get(rpc, "Recommend"))
+    call = getattr(stub, _METHODS[rpc])
     call(_request(rpc, users[0]), timeout=10)  # connect before the clock starts
     out.put(None)  # ready
     go.wait()
@@ -123,14 +124,15 @@ def drive(target: str, rpc: str, users: list[str], clients: int, seconds: float,
 def cpu_seconds(pid: int, descendants: bool = True) -> float:
     """User + system CPU seconds of a process and (`descendants`) of every process under it
     (Linux /proc; a process that ended meanwhile is left out)."""
+    if not descendants:
+        return _stat(pid)[1]
     stats: dict[int, tuple[int, float]] = {}  # pid: (parent, cpu seconds)
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (descendants or entry.name == str(pid)):
+        if entry.name.isdigit():
             try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                stats[int(entry.name)] = _stat(int(entry.name))
             except OSError:
                 continue
-            stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK)
     tree, grew = {pid}, True
     while grew:
         grew = False
@@ -139,6 +141,12 @@ def cpu_seconds(pid: int, descendants: bool = True) -> float:
                 tree.add(child)
                 grew = True
     return sum(stats[p][1] for p in tree if p in stats)
+
+
+def _stat(pid: int) -> tuple[int, float]:
+    """A process's parent and its user + system CPU seconds (OSError: no such process)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK
 
 
 class _Echo(ranking_pb2_grpc.RankingServiceServicer):

@@ -32,7 +32,7 @@ import numpy as np
 
 from bench import freshness, ingest, live, load, report
 from bench.prefill import prefill
-from bench.services import start_command, start_process, stop
+from bench.services import start_process, stop
 from index import snapshots_dir, users_dir
 from index.catalog import CatalogSnapshot
 from index.files import atomic_write
@@ -127,10 +127,8 @@ def measure(name: str, data_dir: Path, quick: bool, port: int, echo: str) -> dic
             for rpc in load.RPCS:
                 result[rpc] = clients_runs(target, ranking.pid, rpc, users, seconds, echo)
             fixed, fixed_port = stage("starting the fixed answer's ranking (2 workers)",
-                                      lambda: start_command(
-                [sys.executable, "-m", "bench.fixed_answer", "--data-dir", str(copy),
-                 "--port", str(port + 1), "--workers", "2"],
-                {**os.environ, "PYTHONPATH": os.getcwd()}, workers=2))
+                                      lambda: start_process("bench.fixed_answer", copy,
+                                                            port=port + 1, workers=2))
             try:
                 result[load.FIXED_ANSWER] = clients_runs(
                     f"127.0.0.1:{fixed_port}", fixed.pid, load.FIXED_ANSWER, users, seconds,

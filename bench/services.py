@@ -12,6 +12,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 _LISTENING = re.compile(r" on [\d.]+:(\d+) \(")
+# The ranking service, and the benchmark's wrapper of it (`bench.fixed_answer`): they take
+# --workers (default 2), so `start_process` always says how many.
+RANKING_MODULES = ("ranking_service", "bench.fixed_answer")
 
 
 def start_process(module: str, data_dir: Path, *args: str, port: int = 0,
@@ -19,7 +22,7 @@ def start_process(module: str, data_dir: Path, *args: str, port: int = 0,
     """Start `python -m <module>` from this checkout on `port` (0: a free one); return once
     it listens."""
     command = [sys.executable, "-m", module, "--data-dir", str(data_dir), "--port", str(port),
-               *(["--workers", str(workers)] if module == "ranking_service" else []), *args]
+               *(["--workers", str(workers)] if module in RANKING_MODULES else []), *args]
     return start_command(command, {**os.environ, "PYTHONPATH": os.getcwd()}, workers)
 
 
